@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("inference.hub_cli", "upload a checkpoint folder to the Hugging Face hub"),
     "models": ("inference.hub_cli:models", "list known checkpoints"),
     "sort": ("inference.sort_cli", "zero-shot spike sorting of a recording"),
+    "demo": ("inference.demo", "sort a generated example recording with the default model and score it"),
 }
 
 
