@@ -1,0 +1,227 @@
+"""Event extraction: schema, geometry, resampling, labels, determinism, streaming, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spikevault.extract import (
+    ExtractParams,
+    check_recording,
+    extract_events,
+    iter_event_blocks,
+    load_recording,
+    neighbour_table,
+    preprocess,
+)
+from spikevault.schema import DEFAULT_SCHEMA, concat_blocks
+
+
+@pytest.fixture(scope="module")
+def small_events(small_recording):
+    rec, gt = small_recording
+    return extract_events(rec, recording_id="small", sorting=gt, label_source="ground_truth")
+
+
+def test_events_match_schema(small_recording, small_events):
+    rec, gt = small_recording
+    b = small_events
+    n = DEFAULT_SCHEMA.validate_block(b)
+    assert 0.7 * gt.to_spike_vector().size < n < 1.3 * gt.to_spike_vector().size
+    T, K = DEFAULT_SCHEMA.num_samples, DEFAULT_SCHEMA.num_channels
+    assert b["waveform"].shape == (n, T, K) and b["waveform"].dtype == np.float16
+    assert b["channel_mask"].all()  # 32 channels >= K
+    # peak channel first, at offset 0; neighbours sorted by distance
+    np.testing.assert_array_equal(b["channel_offsets_um"][:, 0], 0)
+    dist = np.linalg.norm(b["channel_offsets_um"], axis=2)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+    # amplitude is the waveform at the peak sample on the peak channel, negative (peak_sign="neg"), in uV
+    np.testing.assert_allclose(b["waveform"][:, DEFAULT_SCHEMA.nbefore, 0].astype("float32"), b["amplitude_uv"],
+                               rtol=2e-3, atol=0.05)
+    assert np.all(b["amplitude_uv"] < -5 * b["noise_level_uv"] * 0.99)
+    assert np.all((b["noise_level_uv"] > 1) & (b["noise_level_uv"] < 20))
+    assert set(b["recording_id"]) == {"small"} and set(b["label_source"]) == {"ground_truth"}
+    assert set(b["probe"]) == {"linear32"}
+    assert np.all(b["sampling_rate_hz"] == 30_000.0)
+    assert set(b["peak_channel_id"]) <= {str(c) for c in rec.channel_ids}
+    # time order: segment, sample, channel
+    order = np.lexsort((b["peak_channel_id"].astype(int), b["sample_index"], b["segment"]))
+    np.testing.assert_array_equal(order, np.arange(n))
+    # windows fit inside the recording
+    assert b["sample_index"].min() >= DEFAULT_SCHEMA.nbefore
+    assert b["sample_index"].max() + DEFAULT_SCHEMA.nafter <= rec.get_num_samples(0)
+
+
+def test_ground_truth_labels(small_recording, small_events):
+    rec, gt = small_recording
+    labels = small_events["unit_label"]
+    assert (labels >= 0).mean() > 0.8
+    assert set(labels[labels >= 0]) <= {int(u) for u in gt.unit_ids}
+    # a labelled event lies within 0.4 ms of a spike of its unit
+    for unit in np.unique(labels[labels >= 0])[:3]:
+        train = gt.get_unit_spike_train(unit_id=gt.unit_ids[list(map(int, gt.unit_ids)).index(unit)])
+        s = small_events["sample_index"][labels == unit]
+        d = np.abs(train[np.clip(np.searchsorted(train, s), 0, len(train) - 1)] - s)
+        d2 = np.abs(train[np.clip(np.searchsorted(train, s) - 1, 0, len(train) - 1)] - s)
+        assert np.all(np.minimum(d, d2) <= 12)
+
+
+@pytest.mark.parametrize("probe, num_channels", [("single", 1), ("tetrode", 4)])
+def test_small_probes_are_masked(tiny_recording_factory, probe, num_channels):
+    rec, gt = tiny_recording_factory(probe=probe, duration_s=3.0, num_units=3, seed=3)
+    b = extract_events(rec, recording_id=probe, sorting=gt, label_source="ground_truth")
+    n = DEFAULT_SCHEMA.validate_block(b)
+    assert n > 20
+    np.testing.assert_array_equal(b["channel_mask"].sum(axis=1), num_channels)
+    assert b["channel_mask"][:, :num_channels].all()
+    assert not b["waveform"][:, :, num_channels:].any()
+    assert not b["channel_offsets_um"][:, num_channels:].any()
+    assert (b["unit_label"] >= 0).mean() > 0.8
+
+
+def test_neighbour_table_orders_by_distance_then_index():
+    xy = np.array([[0, 0], [0, 10], [0, -10], [0, 20], [5, 0]], dtype=float)
+    nb, off, mask = neighbour_table(xy, 4)
+    np.testing.assert_array_equal(nb[0], [0, 4, 1, 2])  # 5 um, then a 10 um tie broken by index
+    np.testing.assert_array_equal(nb[3], [3, 1, 0, 4])  # 10, 20, 20.6 um
+    np.testing.assert_allclose(off[0, 1], [5, 0])
+    nb, off, mask = neighbour_table(xy[:2], 4)
+    np.testing.assert_array_equal(nb, [[0, 1, -1, -1], [1, 0, -1, -1]])
+    np.testing.assert_array_equal(mask, [[True, True, False, False]] * 2)
+    assert not off[~mask].any()
+    # duplicate positions: the channel itself still comes first
+    nb, _, _ = neighbour_table(np.zeros((3, 2)), 3)
+    np.testing.assert_array_equal(nb[:, 0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("rate_hz", [20_000.0, 40_000.0])
+def test_resampling_keeps_peak_at_nbefore(tiny_recording_factory, rate_hz):
+    rec, gt = tiny_recording_factory(probe="linear32", duration_s=3.0, num_units=4, seed=5, sampling_rate_hz=rate_hz)
+    b = extract_events(rec, recording_id="r", sorting=gt, label_source="ground_truth")
+    n = DEFAULT_SCHEMA.validate_block(b)
+    assert n > 20
+    assert b["waveform"].shape[1] == DEFAULT_SCHEMA.num_samples
+    assert np.all(b["sampling_rate_hz"] == rate_hz)
+    trough = np.argmin(b["waveform"][:, :, 0].astype("float32"), axis=1)
+    # upsampling can reveal a trough between two original samples: one canonical sample away
+    assert np.mean(trough == DEFAULT_SCHEMA.nbefore) > 0.8
+    assert np.all(np.abs(trough - DEFAULT_SCHEMA.nbefore) <= 1)
+    # sample_index stays at the original rate
+    assert b["sample_index"].max() < rec.get_num_samples(0)
+    # the value at nbefore is the original (filtered) sample value
+    pp = preprocess(rec, ExtractParams())
+    ch = rec.ids_to_indices(b["peak_channel_id"][:10])
+    raw = np.array([pp.get_traces(start_frame=s, end_frame=s + 1)[0, c] for s, c in zip(b["sample_index"][:10], ch)])
+    np.testing.assert_allclose(b["amplitude_uv"][:10], raw, rtol=1e-4, atol=1e-3)
+    assert (b["unit_label"] >= 0).mean() > 0.8
+
+
+def test_deterministic_and_streaming_equals_extract(tiny_recording_factory, tmp_path):
+    rec, gt = tiny_recording_factory(probe="linear32", duration_s=3.0, num_units=5, seed=7)
+    kw = dict(recording_id="det", sorting=gt, label_source="ground_truth")
+    a = extract_events(rec, **kw)
+    b = extract_events(rec, **kw, job_kwargs=dict(n_jobs=2), tmp_folder=tmp_path)
+    for name in a:
+        assert a[name].tobytes() == b[name].tobytes(), name
+    blocks = list(iter_event_blocks(rec, **kw, block_size=37))
+    assert all(len(x["waveform"]) == 37 for x in blocks[:-1]) and 0 < len(blocks[-1]["waveform"]) <= 37
+    c = concat_blocks(blocks)
+    for name in a:
+        np.testing.assert_array_equal(a[name], c[name])
+    assert not list(tmp_path.iterdir())  # temporary files removed
+
+
+def test_params_validation_and_round_trip():
+    p = ExtractParams(detect_threshold=6.0, reference="none")
+    assert ExtractParams.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="unknown extraction parameters"):
+        ExtractParams.from_dict({"threshold": 5})
+    with pytest.raises(ValueError, match="freq_min_hz"):
+        ExtractParams(freq_min_hz=7000.0)
+    with pytest.raises(ValueError, match="peak_sign"):
+        ExtractParams(peak_sign="up")
+
+
+def test_label_source_must_agree_with_sorting(tiny_recording_factory):
+    rec, gt = tiny_recording_factory()
+    with pytest.raises(ValueError, match="needs a sorting"):
+        extract_events(rec, recording_id="x", label_source="ground_truth")
+    with pytest.raises(ValueError, match="label_source='none'"):
+        extract_events(rec, recording_id="x", sorting=gt)
+    with pytest.raises(ValueError, match="label_source must be"):
+        extract_events(rec, recording_id="x", sorting=gt, label_source="gt")
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _numpy_recording(traces, rate_hz=30_000.0, probe=True):
+    from probeinterface import generate_linear_probe
+    from spikeinterface.core import NumpyRecording
+
+    rec = NumpyRecording([np.asarray(traces, dtype="float32")], sampling_frequency=rate_hz)
+    if probe:
+        p = generate_linear_probe(num_elec=traces.shape[1], ypitch=25.0)
+        p.set_device_channel_indices(np.arange(traces.shape[1]))
+        rec.set_probe(p)
+    return rec
+
+
+def _noise(num_samples, num_channels=8, seed=0):
+    return np.random.default_rng(seed).normal(0, 10, size=(num_samples, num_channels))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: _numpy_recording(_noise(30_000), probe=False), "no channel locations"),
+        (lambda: _numpy_recording(_noise(0)), "empty"),
+        (lambda: _numpy_recording(_noise(600)), "too short"),
+        (lambda: _numpy_recording(_noise(5_000), rate_hz=5_000.0), "unsupported sampling rate"),
+        (lambda: _numpy_recording(_noise(300_000), rate_hz=300_000.0), "unsupported sampling rate"),
+        (lambda: _numpy_recording(np.where(np.ones((30_000, 8)), np.nan, 0)), "NaN or infinite"),
+    ],
+    ids=["no-probe", "empty", "too-short", "rate-too-low", "rate-too-high", "all-nan"],
+)
+def test_bad_recordings_are_refused(make, match):
+    rec = make()
+    with pytest.raises(ValueError, match=match):
+        check_recording(rec, DEFAULT_SCHEMA, ExtractParams(), recording_id="bad")
+    with pytest.raises(ValueError, match=match):
+        iter_event_blocks(rec, recording_id="bad")  # raises at the call, before iteration
+
+
+def test_nan_outside_sampled_chunks_is_caught_during_extraction():
+    traces = _noise(90_000)
+    traces[45_000:45_010, 3] = np.inf
+    rec = _numpy_recording(traces)
+    with pytest.raises(ValueError, match="recording 'bad' contains NaN or infinite samples"):
+        extract_events(rec, recording_id="bad")
+
+
+def test_pure_noise_gives_an_empty_valid_block():
+    rec = _numpy_recording(_noise(60_000, seed=1))
+    b = extract_events(rec, recording_id="quiet", params=ExtractParams(detect_threshold=50.0))
+    assert DEFAULT_SCHEMA.validate_block(b) == 0
+
+
+def test_nyquist_is_checked():
+    rec = _numpy_recording(_noise(20_000), rate_hz=10_000.0)
+    with pytest.raises(ValueError, match="Nyquist"):
+        check_recording(rec, DEFAULT_SCHEMA, ExtractParams(), recording_id="lowrate")
+
+
+@pytest.mark.filterwarnings("ignore:The extractor is not serializable")
+def test_load_recording(tiny_recording_factory, tmp_path):
+    rec, _ = tiny_recording_factory()
+    assert load_recording(rec) is rec
+    saved = rec.save(folder=tmp_path / "rec", n_jobs=1, progress_bar=False)
+    loaded = load_recording(tmp_path / "rec")
+    assert loaded.get_num_channels() == saved.get_num_channels()
+    np.testing.assert_array_equal(loaded.get_traces(end_frame=100), rec.get_traces(end_frame=100))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_recording(tmp_path / "missing")
+    (tmp_path / "garbage.nwb").write_bytes(b"not an nwb file")
+    with pytest.raises(ValueError, match="garbage.nwb"):
+        load_recording(tmp_path / "garbage.nwb")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="not recognised"):
+        load_recording(tmp_path / "empty_dir")
