@@ -1,0 +1,473 @@
+"""Split and merge clusters until each is unimodal and every template distinct; reject noise.
+
+The tests follow isosplit (Magland & Barnett 2015): a cluster is *split* when its events, projected
+on the discriminant (LDA) axis between the two halves of a 2-means partition of its local waveform
+features, are not unimodal (SpikeInterface's ``isocut`` dip score above a threshold); two clusters
+are *merged* when their templates are similar and their events, projected on the axis joining the
+two templates, form one unimodal distribution -- or when their templates differ by less than the
+noise, where no projection could separate them.
+
+Everything works on the events' own ``[T, K]`` waveforms: :class:`EventSet` maps each event's K
+channels to the probe's channels, so templates and tests live on absolute channels and clusters
+whose events peak on neighbouring channels compare correctly. Channels an event does not carry
+(far from its peak) are filled with the cluster's template for that channel, which neither helps
+nor hinders a split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Reasons an event ends up in the rejected set (codes saved in ``rejected_events.npz``).
+REJECT_REASONS = {
+    1: "unclustered",       # left as noise by the clusterer
+    2: "small_cluster",     # too few events / firing rate too low
+    3: "low_snr",           # template peak amplitude below min_snr x noise
+    4: "not_spike_like",    # template has no clear trough/peak at the detection sample
+}
+
+
+@dataclass
+class CurationParams:
+    """Settings of the split / merge / noise-rejection loop."""
+
+    split_dipscore: float = 3.0
+    """Split a cluster when the isocut dip score along its discriminant axis exceeds this."""
+    merge_dipscore: float = 2.0
+    """Merge two similar clusters when the dip score along the template-difference axis is below this."""
+    merge_min_similarity: float = 0.6
+    """Only pairs whose templates have at least this cosine similarity are tested for a merge."""
+    merge_radius_um: float = 60.0
+    """Only pairs whose template peak channels are at most this far apart are tested."""
+    merge_noise_ratio: float = 1.5
+    """Merge without a test when the templates' largest difference is below this many noise SDs."""
+    max_rounds: int = 6
+    """Split/merge rounds (each: split every cluster recursively, then merge until stable)."""
+    max_split_depth: int = 4
+    """Recursion depth of the split of one cluster in one round."""
+    min_cluster_size: int = 20
+    """Clusters with fewer events are rejected as noise (and never split below this)."""
+    min_rate_hz: float = 0.05
+    """Clusters firing less than this are rejected as noise."""
+    min_snr: float = 3.5
+    """Clusters whose template peak amplitude is below this many noise SDs are rejected."""
+    split_pca_components: int = 6
+    """Local PCA components of a cluster's waveforms used by the split test."""
+    local_channels: int = 6
+    """Channels (largest template energy) used in split and merge tests."""
+    max_shift: int = 2
+    """Events are realigned on their cluster's template by up to this many samples before tests."""
+    max_test_events: int = 2000
+    """Events per cluster used in one test (random subset; all events are then assigned)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("split_dipscore", "merge_dipscore", "merge_radius_um", "merge_noise_ratio", "min_snr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.merge_min_similarity <= 1:
+            problems.append(f"merge_min_similarity must be in [0, 1], got {self.merge_min_similarity}")
+        for name in ("max_rounds", "min_cluster_size", "split_pca_components", "local_channels", "max_test_events"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid curation parameters: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ events
+class EventSet:
+    """Events of one recording with their channels on the probe.
+
+    Parameters
+    ----------
+    waveforms : ndarray [N, T, K]
+        Event waveforms (float16 or float32, microvolts).
+    event_channels : ndarray [N, K] int
+        Probe channel index of each of an event's K channels, ``-1`` where masked.
+    channel_locations : ndarray [C, 2]
+        Probe channel positions in micrometres.
+    noise_levels_uv : ndarray [C]
+        Noise SD of each probe channel.
+    """
+
+    def __init__(self, waveforms, event_channels, channel_locations, noise_levels_uv):
+        self.waveforms = waveforms
+        self.event_channels = np.asarray(event_channels, dtype=np.int64)
+        self.channel_locations = np.asarray(channel_locations, dtype=float)
+        self.noise_levels_uv = np.asarray(noise_levels_uv, dtype=float)
+        self.num_events, self.num_samples, self.num_event_channels = waveforms.shape
+        self.num_channels = len(self.channel_locations)
+
+    def dense(self, idx: np.ndarray, channels: np.ndarray, fill: np.ndarray | float = np.nan) -> np.ndarray:
+        """Waveforms of events ``idx`` on probe ``channels`` -> ``[n, T, len(channels)]`` float32.
+
+        Channels an event does not carry take ``fill`` (a ``[T, M]`` array or a scalar).
+        """
+        idx = np.asarray(idx)
+        channels = np.asarray(channels)
+        n, T, M = len(idx), self.num_samples, len(channels)
+        where = np.full(self.num_channels + 1, -1, dtype=np.int64)
+        where[channels] = np.arange(M)
+        ev_ch = self.event_channels[idx]
+        col = where[np.where(ev_ch >= 0, ev_ch, self.num_channels)]  # [n, K]
+        out = np.empty((n, T, M), dtype=np.float32)
+        out[:] = fill
+        rows, ks = np.nonzero(col >= 0)
+        out[rows, :, col[rows, ks]] = self.waveforms[idx[rows], :, ks]
+        return out
+
+    def template(self, idx: np.ndarray, channels: np.ndarray | None = None) -> np.ndarray:
+        """Mean waveform ``[T, M]`` of events ``idx`` on ``channels`` (all by default); channels no
+        event carries are 0."""
+        channels = np.arange(self.num_channels) if channels is None else np.asarray(channels)
+        d = self.dense(idx, channels)
+        with np.errstate(invalid="ignore"), _quiet_nanmean():
+            t = np.nanmean(d, axis=0)
+        return np.nan_to_num(t, nan=0.0)
+
+
+class _quiet_nanmean:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+def _sample(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return idx if len(idx) <= n else np.sort(rng.choice(idx, n, replace=False))
+
+
+def _top_channels(template: np.ndarray, m: int) -> np.ndarray:
+    energy = np.ptp(template, axis=0)
+    return np.sort(np.argsort(energy)[::-1][:m])
+
+
+_ISOCUT = None
+
+
+def _get_isocut():
+    """SpikeInterface's numba ``isocut``, compiled with numba's on-disk cache when possible
+    (its own jit has no cache, and compiling it costs ~10 s in every new process)."""
+    global _ISOCUT
+    if _ISOCUT is None:
+        from spikeinterface.sortingcomponents.clustering.isosplit_isocut import isocut
+
+        try:
+            import numba
+
+            _ISOCUT = numba.njit(cache=True, nogil=True)(isocut.py_func)
+        except Exception:  # noqa: BLE001 - fall back to SpikeInterface's own (uncached) jit
+            _ISOCUT = isocut
+    return _ISOCUT
+
+
+def _isocut(x: np.ndarray) -> tuple[float, float]:
+    isocut = _get_isocut()
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    if len(x) < 8 or np.ptp(x) == 0:
+        return 0.0, float(np.median(x)) if len(x) else 0.0
+    dip, cut = isocut(x)
+    return float(dip), float(cut)
+
+
+# ------------------------------------------------------------------------------------ templates
+def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 300, seed: int = 0):
+    """Templates of every cluster on all probe channels.
+
+    Returns
+    -------
+    unit_labels : ndarray [U]
+        The cluster labels (``>= 0``), sorted.
+    templates : ndarray [U, T, C] float32
+    counts : ndarray [U] int
+        Events per cluster.
+    """
+    rng = np.random.default_rng(seed)
+    units = np.unique(labels[labels >= 0])
+    templates = np.zeros((len(units), events.num_samples, events.num_channels), dtype=np.float32)
+    counts = np.zeros(len(units), dtype=np.int64)
+    for i, u in enumerate(units):
+        idx = np.flatnonzero(labels == u)
+        counts[i] = len(idx)
+        templates[i] = events.template(_sample(idx, max_per_unit, rng))
+    return units, templates, counts
+
+
+# ------------------------------------------------------------------------------------ split
+def _aligned(events: EventSet, idx: np.ndarray, channels: np.ndarray, template: np.ndarray, max_shift: int) -> np.ndarray:
+    """Events ``idx`` on ``channels``, each shifted by up to ``max_shift`` samples to best match
+    ``template`` (``[T, M]`` on those channels); returns the central ``[n, T - 2 max_shift, M]``.
+
+    Detection aligns an event on its own peak channel's extremum, so a unit whose peak channel
+    alternates between neighbours comes in two alignments; realigning on the cluster template
+    keeps the split and merge tests about shape, not about which channel peaked.
+    """
+    d = events.dense(idx, channels, template)
+    T = d.shape[1]
+    L = T - 2 * max_shift
+    core = template[max_shift: max_shift + L]
+    rows = np.arange(len(idx))[:, None]
+    for _ in range(3):
+        # re-estimating the core from the realigned events breaks the tie of a unit whose trough
+        # falls between two samples (half its events detected one sample early)
+        scores = np.stack([np.einsum("ntm,tm->n", d[:, k: k + L], core) for k in range(2 * max_shift + 1)], axis=1)
+        best = np.argmax(scores, axis=1)
+        out = d[rows, best[:, None] + np.arange(L)[None, :]]
+        core = out.mean(axis=0)
+    return out
+
+
+def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np.ndarray | None:
+    """Return a boolean mask over ``idx`` (the two sides) or None when the cluster is unimodal."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    if len(idx) < 2 * p.min_cluster_size:
+        return None
+    test = _sample(idx, p.max_test_events, rng)
+    tmpl = events.template(test)
+    channels = _top_channels(tmpl, p.local_channels)
+    X = _aligned(events, test, channels, tmpl[:, channels], p.max_shift).reshape(len(test), -1)
+    n_comp = min(p.split_pca_components, X.shape[1], len(test) - 1)
+    pca = PCA(n_comp, svd_solver="covariance_eigh", random_state=p.seed).fit(X)
+    Z = pca.transform(X)
+    km = KMeans(2, n_init=3, random_state=p.seed).fit(Z)
+    if np.min(np.bincount(km.labels_, minlength=2)) < p.min_cluster_size // 2:
+        return None
+    lda = LinearDiscriminantAnalysis(n_components=1).fit(Z, km.labels_)
+    proj = lda.transform(Z)[:, 0]
+    dip, cut = _isocut(proj)
+    if dip < p.split_dipscore:
+        return None
+    side_test = proj > cut
+    if min(side_test.sum(), (~side_test).sum()) < p.min_cluster_size // 2:
+        return None
+    if len(test) == len(idx):
+        return side_test
+    # assign every event of the cluster with the same projection
+    Xall = _aligned(events, idx, channels, tmpl[:, channels], p.max_shift).reshape(len(idx), -1)
+    return lda.transform(pca.transform(Xall))[:, 0] > cut
+
+
+def split_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> tuple[np.ndarray, int]:
+    """Split every cluster recursively until unimodal. Returns (new labels, number of splits)."""
+    rng = np.random.default_rng(p.seed)
+    labels = labels.copy()
+    next_label = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    n_splits = 0
+    stack = [(u, 0) for u in np.unique(labels[labels >= 0])]
+    while stack:
+        u, depth = stack.pop()
+        if depth >= p.max_split_depth:
+            continue
+        idx = np.flatnonzero(labels == u)
+        side = _split_once(events, idx, p, rng)
+        if side is None:
+            continue
+        labels[idx[side]] = next_label
+        n_splits += 1
+        stack += [(u, depth + 1), (next_label, depth + 1)]
+        next_label += 1
+    return labels, n_splits
+
+
+# ------------------------------------------------------------------------------------ merge
+def _similarity(t1: np.ndarray, t2: np.ndarray, max_shift: int = 2) -> tuple[float, int]:
+    """Best cosine similarity of two ``[T, C]`` templates over time shifts, and that shift
+    (``t1[s:]`` matches ``t2[:-s]`` for s > 0)."""
+    best, best_s = -1.0, 0
+    T = t1.shape[0]
+    for s in range(-max_shift, max_shift + 1):
+        a = t1[max(0, s): T + min(0, s)]
+        b = t2[max(0, -s): T + min(0, -s)]
+        den = np.linalg.norm(a) * np.linalg.norm(b)
+        if den > 0 and float(np.sum(a * b) / den) > best:
+            best, best_s = float(np.sum(a * b) / den), s
+    return best, best_s
+
+
+def _merge_test(events: EventSet, ia: np.ndarray, ib: np.ndarray, ta, tb, shift: int, p: CurationParams,
+                rng) -> tuple[bool, float]:
+    """Are clusters a and b one unit? (templates equal within noise, or unimodal along ta - tb).
+
+    Both clusters' events are realigned on the mean of the two (shift-matched) templates first.
+    """
+    channels = np.union1d(_top_channels(ta, p.local_channels), _top_channels(tb, p.local_channels))
+    noise = events.noise_levels_uv[channels]
+    T = ta.shape[0]
+    # shift-matched mean template on the test channels, full length (edges from ta)
+    tb_shifted = ta.copy()
+    a0, a1 = max(0, shift), T + min(0, shift)
+    tb_shifted[a0:a1] = tb[max(0, -shift): T + min(0, -shift)]
+    mid_full = ((ta + tb_shifted) / 2)[:, channels]
+    sa = _sample(ia, p.max_test_events // 2, rng)
+    sb = _sample(ib, p.max_test_events // 2, rng)
+    xa = _aligned(events, sa, channels, mid_full, p.max_shift)
+    xb = _aligned(events, sb, channels, mid_full, p.max_shift)
+    ma, mb = xa.mean(axis=0), xb.mean(axis=0)
+    diff = ma - mb
+    if np.max(np.abs(diff) / noise[None, :]) < p.merge_noise_ratio:
+        return True, 0.0
+    w = (diff / noise[None, :] ** 2).ravel()  # discriminant axis under a diagonal noise model
+    mid = (ma + mb) / 2
+    pa = (xa - mid).reshape(len(sa), -1) @ w
+    pb = (xb - mid).reshape(len(sb), -1) @ w
+    # balance the two sides so a big cluster does not swamp a small one's mode
+    n = min(len(pa), len(pb))
+    x = np.concatenate([rng.choice(pa, n, replace=False), rng.choice(pb, n, replace=False)])
+    dip, _ = _isocut(x)
+    return dip < p.merge_dipscore, dip
+
+
+def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> tuple[np.ndarray, int]:
+    """Merge similar clusters whose union is unimodal, until no pair merges. Returns (labels, merges)."""
+    rng = np.random.default_rng(p.seed + 1)
+    labels = labels.copy()
+    total = 0
+    tested: dict[tuple, bool] = {}
+    while True:
+        units, templates, counts = compute_templates(events, labels, seed=p.seed)
+        if len(units) < 2:
+            break
+        peak_ch = np.argmax(np.ptp(templates, axis=1), axis=1)
+        peak_xy = events.channel_locations[peak_ch]
+        pairs = []
+        for i in range(len(units)):
+            for j in range(i + 1, len(units)):
+                if np.linalg.norm(peak_xy[i] - peak_xy[j]) > p.merge_radius_um:
+                    continue
+                sim, shift = _similarity(templates[i], templates[j], p.max_shift)
+                if sim >= p.merge_min_similarity:
+                    pairs.append((sim, i, j, shift))
+        pairs.sort(reverse=True)
+        used: set[int] = set()
+        merged = 0
+        for sim, i, j, shift in pairs:
+            if i in used or j in used:
+                continue
+            key = (int(units[i]), int(counts[i]), int(units[j]), int(counts[j]))
+            if key in tested:
+                continue
+            ia, ib = np.flatnonzero(labels == units[i]), np.flatnonzero(labels == units[j])
+            ok, dip = _merge_test(events, ia, ib, templates[i], templates[j], shift, p, rng)
+            tested[key] = ok
+            logger.debug("merge test %d+%d sim=%.2f dip=%.2f -> %s", units[i], units[j], sim, dip, ok)
+            if ok:
+                labels[ib] = units[i]
+                used.update((i, j))
+                merged += 1
+        total += merged
+        if merged == 0:
+            break
+    return labels, total
+
+
+# ------------------------------------------------------------------------------------ noise
+def reject_noise(
+    events: EventSet,
+    labels: np.ndarray,
+    duration_s: float,
+    nbefore: int,
+    p: CurationParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reject noise clusters.
+
+    Returns
+    -------
+    labels : ndarray
+        Labels with rejected events set to ``-1``.
+    reason : ndarray [N] int8
+        0 for kept events, else a key of :data:`REJECT_REASONS`.
+    """
+    labels = labels.copy()
+    reason = np.zeros(len(labels), dtype=np.int8)
+    reason[labels < 0] = 1
+    units, templates, counts = compute_templates(events, labels, seed=p.seed)
+    for u, t, c in zip(units, templates, counts):
+        idx = np.flatnonzero(labels == u)
+        ch = int(np.argmax(np.ptp(t, axis=0)))
+        snr = float(np.max(np.abs(t[:, ch])) / events.noise_levels_uv[ch])
+        extreme_at = int(np.argmax(np.abs(t[:, ch])))
+        if c < p.min_cluster_size or c / max(duration_s, 1e-9) < p.min_rate_hz:
+            code = 2
+        elif snr < p.min_snr:
+            code = 3
+        elif abs(extreme_at - nbefore) > max(2, nbefore // 4):
+            code = 4
+        else:
+            continue
+        logger.debug("rejecting cluster %d (%d events, snr %.1f): %s", u, c, snr, REJECT_REASONS[code])
+        reason[idx] = code
+        labels[idx] = -1
+    return labels, reason
+
+
+def curate(
+    events: EventSet,
+    labels: np.ndarray,
+    duration_s: float,
+    nbefore: int,
+    params: CurationParams | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Split and merge until stable, then reject noise clusters.
+
+    Parameters
+    ----------
+    events : EventSet
+    labels : ndarray [N] int
+        Initial cluster labels (``-1`` unassigned).
+    duration_s : float
+        Recording duration (for firing rates).
+    nbefore : int
+        Samples before the peak in the event window (the detection sample).
+    params : CurationParams
+
+    Returns
+    -------
+    labels : ndarray [N] int64
+        Final labels ``0..U-1`` (``-1`` rejected).
+    reason : ndarray [N] int8
+        Rejection reason code per event (0 = kept), see :data:`REJECT_REASONS`.
+    stats : dict
+        Numbers of splits, merges and rejected clusters per round.
+    """
+    p = params or CurationParams()
+    labels = np.asarray(labels, dtype=np.int64).copy()
+    stats = {"initial_clusters": int(len(np.unique(labels[labels >= 0]))), "rounds": []}
+    # tiny clusters first: they only make the split/merge tests noisier
+    units, counts = np.unique(labels[labels >= 0], return_counts=True)
+    for u in units[counts < p.min_cluster_size // 2]:
+        labels[labels == u] = -1
+    for r in range(p.max_rounds):
+        labels, n_split = split_clusters(events, labels, p)
+        labels, n_merge = merge_clusters(events, labels, p)
+        stats["rounds"].append({"splits": n_split, "merges": n_merge})
+        logger.info("curation round %d: %d splits, %d merges", r + 1, n_split, n_merge)
+        if n_split == 0 and n_merge == 0:
+            break
+        if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
+            break  # split/merge ping-pong: stable enough
+    before = labels.copy()
+    labels, reason = reject_noise(events, labels, duration_s, nbefore, p)
+    out = np.full(len(labels), -1, dtype=np.int64)
+    ok = labels >= 0
+    if ok.any():
+        _, out[ok] = np.unique(labels[ok], return_inverse=True)
+    stats["final_clusters"] = int(out.max() + 1) if ok.any() else 0
+    stats["rejected_clusters"] = int(len(np.unique(before[reason > 1])))
+    return out, reason, stats

@@ -1,0 +1,705 @@
+"""Zero-shot spike sorting with a pretrained encoder: :func:`sort` reads top to bottom as the pipeline.
+
+::
+
+    load + check        spikevault.extract.load_recording / check_recording (clear errors)
+    preprocess          bandpass + common median reference, the model's own parameters
+    detect + extract    spikevault.extract.extract_events: the corpus builder's code path
+    localise            centre of mass of each event's K channels (SpikeInterface's method)
+    motion              estimate_motion on those peaks; interpolate_motion when drift is found
+    embed               the encoder in batches (or PCA, the ablation)
+    cluster             embedding + position, per probe region, in parallel
+    curate              split / merge until unimodal and distinct, reject noise clusters
+    match               SpikeInterface template matching (circus-omp) recovers missed spikes
+    save                sorting, rejected events, params + versions, sort.log, report
+
+Sampling rates: events are resampled to the model's canonical rate by the extraction, so a
+recording at any supported rate (10-100 kHz) sorts with any model; the sorting's spike times are
+at the recording's own rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cluster import CLUSTERERS, ClusterParams, cluster_by_region
+from .curation import REJECT_REASONS, CurationParams, EventSet, curate
+
+logger = logging.getLogger(__name__)
+
+FEATURES = ("model", "pca")
+MOTION_MODES = ("auto", True, False)
+MATCHING_METHODS = ("circus-omp", "wobble", "tdc-peeler", "nearest")
+#: Marker file that says a folder was written by :func:`sort` (``overwrite`` only deletes those).
+PARAMS_NAME = "params.json"
+MIN_EVENTS = 50
+
+
+@dataclass
+class SortParams:
+    """Every setting of :func:`sort` in one place (saved to ``params.json``)."""
+
+    clusterer: str = "hdbscan"
+    """'hdbscan', 'gmm', 'dpgmm' or 'kmeans' (each picks its own number of units)."""
+    features: str = "model"
+    """'model' (the encoder's embedding) or 'pca' (PCA of the same events: the ablation)."""
+    matching: bool = True
+    """Final template-matching pass over the whole recording (recovers overlapping/weak spikes)."""
+    matching_method: str = "circus-omp"
+    """SpikeInterface matching engine: 'circus-omp', 'wobble', 'tdc-peeler' or 'nearest'."""
+    motion_correction: Any = "auto"
+    """'auto' (correct when estimated drift exceeds drift_threshold_um), True or False."""
+    drift_threshold_um: float = 10.0
+    """'auto' applies motion correction when the estimated displacement exceeds this."""
+    min_duration_for_motion_s: float = 30.0
+    """'auto' only estimates motion on recordings at least this long."""
+    position_scale_um: float = 12.0
+    """Clustering weight of position: this many micrometres count as one SD of an embedding dim."""
+    pca_components: int = 10
+    """Components of the PCA features (features='pca')."""
+    embed_batch_size: int = 4096
+    """Events per encoder batch."""
+    template_ms_before: float = 1.0
+    """Matching templates: window before the peak (ms)."""
+    template_ms_after: float = 2.0
+    """Matching templates: window after the peak (ms)."""
+    template_radius_um: float = 100.0
+    """Matching templates are sparse: channels within this radius of the template's peak channel."""
+    max_spikes_per_template: int = 500
+    """Spikes averaged per matching template (random subset)."""
+    cache_preprocessing: str = "auto"
+    """Keep the preprocessed traces in RAM for the passes after detection (templates, matching):
+    'auto' (when they fit in a quarter of the available memory), 'memory' or 'none'."""
+    seed: int = 0
+    cluster: ClusterParams = field(default_factory=ClusterParams)
+    curation: CurationParams = field(default_factory=CurationParams)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cluster, dict):
+            self.cluster = ClusterParams(**self.cluster)
+        if isinstance(self.curation, dict):
+            self.curation = CurationParams(**self.curation)
+        if isinstance(self.motion_correction, str) and self.motion_correction in ("on", "off"):
+            self.motion_correction = self.motion_correction == "on"
+        self.cluster = ClusterParams(**{**self.cluster.to_dict(), "method": self.clusterer, "seed": self.seed})
+        problems = []
+        if self.features not in FEATURES:
+            problems.append(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.motion_correction not in MOTION_MODES:
+            problems.append(f"motion_correction must be 'auto', True/'on' or False/'off', got {self.motion_correction!r}")
+        if self.matching_method not in MATCHING_METHODS:
+            problems.append(f"matching_method must be one of {MATCHING_METHODS}, got {self.matching_method!r}")
+        for name in ("position_scale_um", "drift_threshold_um", "template_ms_before", "template_ms_after",
+                     "template_radius_um"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_preprocessing not in ("auto", "memory", "none"):
+            problems.append(f"cache_preprocessing must be 'auto', 'memory' or 'none', got {self.cache_preprocessing!r}")
+        if problems:
+            raise ValueError("invalid sort parameters: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+def sort(
+    recording,
+    model: Any = "default",
+    *,
+    out: str | os.PathLike | None = None,
+    clusterer: str = "hdbscan",
+    features: str = "model",
+    matching: bool = True,
+    motion_correction: Any = "auto",
+    overwrite: bool = False,
+    job_kwargs: dict | None = None,
+    export_phy: bool = False,
+    report: bool = True,
+    recording_id: str | None = None,
+    **params,
+):
+    """Sort a recording with a pretrained encoder, zero-shot.
+
+    Parameters
+    ----------
+    recording : BaseRecording or path
+        Anything :func:`spikevault.extract.load_recording` opens; it needs channel locations.
+    model : str, path, SpikeVAE or None
+        ``"default"`` (the embedded model), a registry name, a checkpoint folder,
+        ``hf-hub:ORG/NAME@REV``, or a loaded ``SpikeVAE``. Its ``config.json`` fixes the event
+        schema and the preprocessing. With ``features="pca"`` it may be None (default schema and
+        preprocessing); when given, its schema and preprocessing are used so both runs see the
+        same events.
+    out : path, optional
+        Output folder: ``sorting/``, ``rejected_events.npz``, ``events.npz``, ``params.json``,
+        ``sort.log``, ``report/`` (+ ``phy/``). Nothing is written when None.
+    clusterer : {"hdbscan", "gmm", "dpgmm", "kmeans"}
+        None of them is given a number of units.
+    features : {"model", "pca"}
+        Cluster on the encoder's embedding, or on PCA of the same events (ablation).
+    matching : bool
+        Final template-matching pass (SpikeInterface ``circus-omp``).
+    motion_correction : "auto", True or False
+        "auto" estimates the drift and corrects it when above ``drift_threshold_um``.
+    overwrite : bool
+        Replace an existing output folder (only one written by ``sort``).
+    job_kwargs : dict, optional
+        SpikeInterface job kwargs (``n_jobs``, ``progress_bar``...); ``n_jobs`` also sets the
+        torch threads and the parallel region clustering.
+    export_phy : bool
+        Also write a phy folder (``out/phy``) through ``spikeinterface.exporters.export_to_phy``.
+    report : bool
+        Write the figures and ``report.html`` (needs ``out``).
+    recording_id : str, optional
+        Name stored in events and logs (default: from the recording).
+    **params
+        Any other field of :class:`SortParams` (``position_scale_um``, ``cluster={...}``,
+        ``curation={...}``, ``matching_method``...).
+
+    Returns
+    -------
+    sorting : spikeinterface.BaseSorting
+        One unit per curated cluster; saved in ``out/sorting`` when ``out`` is given.
+
+    Raises
+    ------
+    ValueError
+        Bad parameters, an unreadable/unsuitable recording, no detectable spikes, a model whose
+        schema the extraction cannot produce.
+    FileExistsError
+        ``out`` exists and ``overwrite`` is False.
+    """
+    p = SortParams(clusterer=clusterer, features=features, matching=matching, motion_correction=motion_correction,
+                   **params)
+    job_kwargs = _job_kwargs(job_kwargs)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _prepare_out(out, overwrite)
+    with _log_to(out):
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        import sklearn.cluster  # noqa: F401 - load sklearn's OpenMP and BLAS before limiting them
+        from threadpoolctl import threadpool_limits
+
+        # One BLAS/OpenMP thread: the numerics here are many small matrices, where OpenBLAS and
+        # OpenMP threads only spin (several times slower on a busy machine); parallelism comes
+        # from job_kwargs' n_jobs (processes) and the encoder's torch threads.
+        with threadpool_limits(limits=1):
+            result = _run(recording, model, p, out, job_kwargs, timings, recording_id)
+        sorting, info = result["sorting"], result["info"]
+        if out is not None:
+            t = time.perf_counter()
+            sorting = sorting.save(folder=out / "sorting")
+            _save_events(out, result)
+            if report:
+                from .report import make_report
+
+                make_report(out, sorting=sorting, recording=result["recording"], events=result["events"],
+                            features=result["X"], labels=result["labels"], positions=result["positions"],
+                            templates=result["templates"], info=info)
+            if export_phy:
+                _export_phy(out, sorting, result["recording"], job_kwargs)
+            timings["save_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t_start
+        info["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        logger.info("sorted %s: %d units in %.1f s", info["recording"]["name"], len(sorting.unit_ids),
+                    timings["total_s"])
+        if out is not None:
+            _write_params(out, p, info, job_kwargs)
+    return sorting
+
+
+def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id) -> dict:
+    from spikevault.extract import check_recording, extract_events, load_recording, preprocess
+
+    tick = _Ticker(timings)
+    recording = load_recording(recording)
+    name = recording_id or _recording_name(recording)
+    net, schema, eparams, model_desc = load_contract(model, p.features)
+    info: dict[str, Any] = {"model": model_desc, "schema": schema.to_dict(), "preprocessing": eparams.to_dict()}
+    check_recording(recording, schema, eparams, recording_id=name)
+    fs = recording.get_sampling_frequency()
+    duration_s = sum(recording.get_num_samples(s) for s in range(recording.get_num_segments())) / fs
+    info["recording"] = {"name": name, "num_channels": int(recording.get_num_channels()),
+                         "sampling_rate_hz": float(fs), "duration_s": float(duration_s),
+                         "num_segments": int(recording.get_num_segments())}
+    logger.info("sorting %s: %d channels, %.1f s at %g Hz, features=%s, clusterer=%s", name,
+                recording.get_num_channels(), duration_s, fs, p.features, p.clusterer)
+
+    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs)
+    tick("preprocess_s")
+    extract_kw = dict(schema=schema, params=eparams, recording_id=name, preprocessed=True, job_kwargs=job_kwargs)
+    events = extract_events(rec, **extract_kw)
+    tick("detect_extract_s")
+    _check_enough_events(events, name, eparams)
+    channel_index = _channel_index(events, rec)
+    positions = localize_events(events, rec.get_channel_locations(), channel_index)
+    tick("localize_s")
+
+    motion_info = {"mode": str(p.motion_correction), "applied": False}
+    if p.motion_correction is True or (p.motion_correction == "auto" and duration_s >= p.min_duration_for_motion_s):
+        motion, max_disp = estimate_drift(rec, events, channel_index, positions, job_kwargs)
+        motion_info["max_displacement_um"] = None if max_disp is None else round(float(max_disp), 2)
+        if motion is not None and (p.motion_correction is True or max_disp > p.drift_threshold_um):
+            from spikeinterface.sortingcomponents.motion import interpolate_motion
+
+            logger.info("correcting motion (max displacement %.1f um)", max_disp)
+            rec = interpolate_motion(rec, motion, border_mode="force_extrapolate",
+                                     spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+            rec = _cache(rec, p.cache_preprocessing, job_kwargs)
+            events = extract_events(rec, **extract_kw)
+            _check_enough_events(events, name, eparams)
+            channel_index = _channel_index(events, rec)
+            positions = localize_events(events, rec.get_channel_locations(), channel_index)
+            motion_info["applied"] = True
+        tick("motion_s")
+    info["motion"] = motion_info
+
+    if p.features == "model":
+        emb, throughput = embed_events(net, events, batch_size=p.embed_batch_size,
+                                       n_threads=job_kwargs.get("n_jobs", 1))
+        info["embedding_events_per_s"] = round(throughput, 1)
+    else:
+        emb = pca_features(events, p.pca_components, seed=p.seed)
+    tick("features_s")
+
+    X = clustering_features(emb, positions, p.position_scale_um)
+    labels, region = cluster_by_region(X, positions[:, 1], p.cluster, n_jobs=job_kwargs.get("n_jobs", 1))
+    tick("cluster_s")
+    noise = _noise_levels(rec, job_kwargs)
+    from spikevault.extract import neighbour_table
+
+    neigh, _, _ = neighbour_table(rec.get_channel_locations(), schema.num_channels)
+    event_set = EventSet(events["waveform"], neigh[channel_index], rec.get_channel_locations()[:, :2], noise)
+    labels, reason, cstats = curate(event_set, labels, duration_s, schema.nbefore, p.curation)
+    info["curation"] = cstats
+    info["num_events"] = int(len(labels))
+    info["num_rejected_events"] = int(np.sum(labels < 0))
+    tick("curate_s")
+
+    from spikeinterface.core import NumpySorting
+
+    units = np.unique(labels[labels >= 0])
+    templates = None
+    if len(units) == 0:
+        logger.warning("%s: every cluster was rejected as noise; the sorting is empty", name)
+        sorting = NumpySorting.from_samples_and_labels([np.zeros(0, "int64")] * recording.get_num_segments(),
+                                                       [np.zeros(0, "int64")] * recording.get_num_segments(), fs)
+    else:
+        templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
+        tick("templates_s")
+        if p.matching:
+            sorting = match_templates(rec, templates, p.matching_method, job_kwargs)
+            tick("matching_s")
+        else:
+            sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
+    info["num_units"] = int(len(sorting.unit_ids))
+    return {"sorting": sorting, "info": info, "recording": rec, "events": events, "X": X, "labels": labels,
+            "reason": reason, "positions": positions, "templates": templates, "region": region}
+
+
+# ------------------------------------------------------------------------------------ the model
+def load_contract(model, features: str):
+    """Resolve ``model`` to (network or None, EventSchema, ExtractParams, description dict).
+
+    With ``features="pca"`` the network is not needed: ``model=None`` means the default schema
+    and preprocessing; a given model still provides its schema and preprocessing.
+    """
+    from spikevault.extract import ExtractParams
+    from spikevault.schema import DEFAULT_SCHEMA
+
+    if model is None:
+        if features == "model":
+            raise ValueError("features='model' needs a model: pass model='default', a checkpoint folder or hf-hub id")
+        return None, DEFAULT_SCHEMA, ExtractParams(), {"id": None}
+    if hasattr(model, "embed") and hasattr(model, "config"):  # an already loaded SpikeVAE
+        net = model
+        info = getattr(net, "model_info", None)
+        schema = net.config.event_schema
+        eparams = info.extract_params() if info is not None else ExtractParams()
+        desc = {"id": getattr(info, "model_id", "<in-memory SpikeVAE>"), "revision": getattr(info, "revision", None)}
+    else:
+        from .checkpoint import load_model
+
+        net = load_model(model)
+        info = net.model_info
+        schema, eparams = info.schema, info.extract_params()
+        desc = {"id": str(info.model_id), "folder": str(info.folder), "revision": info.revision,
+                "source": info.source}
+    desc["config"] = net.config.to_dict()
+    return (net if features == "model" else None), schema, eparams, desc
+
+
+def embed_events(net, events: dict, batch_size: int = 4096, n_threads: int = 1) -> tuple[np.ndarray, float]:
+    """Encoder embedding (latent mean) of every event, in batches, without gradients.
+
+    Returns the ``[N, D]`` float32 embedding and the throughput in events per second.
+    """
+    import torch
+
+    n = len(events["waveform"])
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n_threads)))
+    net.eval()
+    out = []
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                wf = torch.from_numpy(events["waveform"][s: s + batch_size].astype(np.float32))
+                off = torch.from_numpy(events["channel_offsets_um"][s: s + batch_size])
+                mask = torch.from_numpy(events["channel_mask"][s: s + batch_size])
+                out.append(net.embed(wf, off, mask).float().numpy())
+    finally:
+        torch.set_num_threads(old_threads)
+    dt = time.perf_counter() - t0
+    emb = np.concatenate(out) if out else np.zeros((0, net.config.latent_dim), np.float32)
+    logger.info("embedded %d events in %.2f s (%.0f events/s)", n, dt, n / max(dt, 1e-9))
+    return emb, n / max(dt, 1e-9)
+
+
+def pca_features(events: dict, n_components: int = 10, seed: int = 0, max_fit: int = 20_000) -> np.ndarray:
+    """PCA of the flattened ``[T, K]`` event waveforms (masked channels are zero)."""
+    from sklearn.decomposition import PCA
+
+    wf = events["waveform"]
+    n = len(wf)
+    X = wf.reshape(n, -1)
+    rng = np.random.default_rng(seed)
+    fit = rng.choice(n, min(n, max_fit), replace=False)
+    k = int(min(n_components, X.shape[1], max(1, len(fit) - 1)))
+    pca = PCA(k, svd_solver="covariance_eigh", random_state=seed).fit(X[fit].astype(np.float32))
+    return np.concatenate([pca.transform(X[s: s + 50_000].astype(np.float32)) for s in range(0, n, 50_000)])
+
+
+def clustering_features(emb: np.ndarray, positions: np.ndarray, position_scale_um: float) -> np.ndarray:
+    """Embedding (centred, scaled to unit mean variance per dimension) beside position / scale.
+
+    One global scale keeps the embedding's own geometry (its leading directions, where units
+    differ, stay dominant: whitening would blow noise directions up to the same size), and
+    ``position_scale_um`` micrometres of position weigh as much as one average embedding SD.
+    """
+    emb = np.asarray(emb, dtype=np.float64)
+    emb = emb - emb.mean(axis=0)
+    scale = np.sqrt(np.mean(emb.var(axis=0))) if len(emb) > 1 else 1.0
+    emb = emb / (scale if scale > 0 else 1.0)
+    return np.concatenate([emb, positions[:, :2] / position_scale_um], axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ positions
+def _channel_index(events: dict, rec) -> np.ndarray:
+    ids = np.asarray([str(c) for c in rec.channel_ids])
+    lookup = {c: i for i, c in enumerate(ids)}
+    return np.fromiter((lookup[c] for c in events["peak_channel_id"]), dtype=np.int64,
+                       count=len(events["peak_channel_id"]))
+
+
+def localize_events(events: dict, channel_locations: np.ndarray, channel_index: np.ndarray,
+                    radius_um: float = 75.0) -> np.ndarray:
+    """Centre of mass of each event on the probe, from its own K channels.
+
+    The same estimate as SpikeInterface's ``center_of_mass`` peak localisation (peak-to-peak
+    amplitudes as weights, channels within ``radius_um`` of the peak channel), computed from the
+    extracted events instead of re-reading the traces.
+
+    Returns ``[N, 2]`` x, y in micrometres.
+    """
+    wf = events["waveform"]
+    off = events["channel_offsets_um"].astype(np.float64)
+    mask = events["channel_mask"] & (np.linalg.norm(off, axis=2) <= radius_um)
+    ptp = np.zeros(mask.shape, dtype=np.float64)
+    for s in range(0, len(wf), 50_000):
+        w = wf[s: s + 50_000].astype(np.float32)
+        ptp[s: s + 50_000] = w.max(axis=1) - w.min(axis=1)
+    ptp *= mask
+    com = np.sum(ptp[..., None] * off, axis=1) / np.maximum(ptp.sum(axis=1), 1e-9)[:, None]
+    peak_xy = np.asarray(channel_locations, dtype=np.float64)[channel_index, :2]
+    return (peak_xy + com).astype(np.float32)
+
+
+def estimate_drift(rec, events: dict, channel_index: np.ndarray, positions: np.ndarray, job_kwargs: dict):
+    """Estimate motion with SpikeInterface (``dredge_ap``, non-rigid) from the events' positions.
+
+    Returns (Motion or None, max absolute displacement in um or None). None when the probe is
+    too short or too two-dimensional for depth drift correction.
+    """
+    from spikeinterface.sortingcomponents.motion import estimate_motion
+    from spikeinterface.sortingcomponents.tools import check_probe_for_drift_correction
+
+    if not check_probe_for_drift_correction(rec):
+        logger.info("probe geometry does not allow drift correction along depth: skipped")
+        return None, None
+    peaks = np.zeros(len(channel_index), dtype=[("sample_index", "int64"), ("channel_index", "int64"),
+                                                ("amplitude", "float64"), ("segment_index", "int64")])
+    peaks["sample_index"] = events["sample_index"]
+    peaks["channel_index"] = channel_index
+    peaks["amplitude"] = events["amplitude_uv"]
+    peaks["segment_index"] = events["segment"]
+    locs = np.zeros(len(peaks), dtype=[("x", "float64"), ("y", "float64")])
+    locs["x"], locs["y"] = positions[:, 0], positions[:, 1]
+    try:
+        motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=False,
+                                 win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
+                                 progress_bar=False)
+    except Exception as err:  # noqa: BLE001 - a failed estimate must not stop the sort
+        logger.warning("motion estimation failed (%s): sorting without motion correction", err)
+        return None, None
+    max_disp = max(float(np.max(np.abs(d))) for d in motion.displacement)
+    logger.info("estimated drift: max displacement %.1f um", max_disp)
+    return motion, max_disp
+
+
+def _cache(rec, mode: str, job_kwargs: dict):
+    """The preprocessed recording held in RAM (one filtering pass instead of one per stage)."""
+    if mode == "none":
+        return rec
+    if mode == "auto":
+        import psutil
+
+        nbytes = rec.get_total_samples() * rec.get_num_channels() * 4
+        if nbytes > 0.25 * psutil.virtual_memory().available:
+            logger.info("preprocessed traces (%.1f GB) too large to cache in RAM: kept lazy", nbytes / 1e9)
+            return rec
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
+    cached = rec.save(format="memory", sharedmem=False, **jk)
+    cached.set_probe(rec.get_probe(), in_place=True) if not cached.has_probe() and rec.has_probe() else None
+    return cached
+
+
+# ------------------------------------------------------------------------------------ templates
+def _noise_levels(rec, job_kwargs) -> np.ndarray:
+    from spikeinterface.core import get_noise_levels
+
+    fs = rec.get_sampling_frequency()
+    n = int(min(fs * 0.5, min(rec.get_num_samples(s) for s in range(rec.get_num_segments())) - 1))
+    noise = get_noise_levels(rec, return_in_uV=False, method="mad", force_recompute=True,
+                             random_slices_kwargs=dict(num_chunks_per_segment=20, chunk_size=max(n, 1), seed=0),
+                             n_jobs=1, progress_bar=False)
+    return np.where(noise > 0, noise, 1.0).astype(np.float64)
+
+
+def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job_kwargs):
+    """Sparse SpikeInterface ``Templates`` of the curated units, from the preprocessed traces."""
+    from spikeinterface.core import Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
+    from spikeinterface.core.waveform_tools import estimate_templates
+
+    rng = np.random.default_rng(p.seed)
+    fs = rec.get_sampling_frequency()
+    nbefore = int(round(p.template_ms_before * fs / 1000))
+    nafter = int(round(p.template_ms_after * fs / 1000))
+    units = np.unique(labels[labels >= 0])
+    keep = []
+    for u in units:
+        idx = np.flatnonzero(labels == u)
+        keep.append(idx if len(idx) <= p.max_spikes_per_template else rng.choice(idx, p.max_spikes_per_template, replace=False))
+    keep = np.sort(np.concatenate(keep))
+    seg_len = np.array([rec.get_num_samples(s) for s in range(rec.get_num_segments())])
+    s = events["sample_index"][keep]
+    seg = events["segment"][keep].astype(np.int64)
+    ok = (s - nbefore >= 0) & (s + nafter < seg_len[seg])
+    keep = keep[ok]
+    spikes = np.zeros(len(keep), dtype=[("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")])
+    spikes["sample_index"] = events["sample_index"][keep]
+    spikes["unit_index"] = np.searchsorted(units, labels[keep])
+    spikes["segment_index"] = events["segment"][keep]
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
+    arr = estimate_templates(rec, spikes, np.arange(len(units)), nbefore, nafter, return_in_uV=False, **jk)
+    locations = rec.get_channel_locations()[:, :2]
+    peak_ch = np.argmax(np.ptp(arr, axis=1), axis=1)
+    dist = np.linalg.norm(locations[peak_ch][:, None, :] - locations[None, :, :], axis=2)
+    snr = np.ptp(arr, axis=1) / noise[None, :]
+    mask = (dist <= p.template_radius_um) & (snr >= 1.0)
+    mask[np.arange(len(units)), peak_ch] = True
+    dense = Templates(templates_array=arr.astype(np.float32), sampling_frequency=fs, nbefore=nbefore,
+                      is_in_uV=True, sparsity_mask=None, channel_ids=rec.channel_ids, unit_ids=units,
+                      probe=rec.get_probe() if rec.has_probe() else None)
+    return dense.to_sparse(ChannelSparsity(mask, units, rec.channel_ids))
+
+
+def match_templates(rec, templates, method: str, job_kwargs: dict):
+    """Run SpikeInterface template matching over the whole recording -> NumpySorting."""
+    from spikeinterface.core import NumpySorting
+    from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+
+    jk = dict(job_kwargs)
+    jk.setdefault("chunk_duration", "100ms" if method == "circus-omp" else "1s")
+    spikes = find_spikes_from_templates(rec, templates, method=method, method_kwargs={}, job_kwargs=jk)
+    spikes = spikes[spikes["cluster_index"] >= 0]
+    order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
+    spikes = spikes[order]
+    logger.info("template matching (%s): %d spikes for %d templates", method, len(spikes), len(templates.unit_ids))
+    fs = rec.get_sampling_frequency()
+    samples = [spikes["sample_index"][spikes["segment_index"] == s] for s in range(rec.get_num_segments())]
+    labels = [np.asarray(templates.unit_ids)[spikes["cluster_index"][spikes["segment_index"] == s]]
+              for s in range(rec.get_num_segments())]
+    sorting = NumpySorting.from_samples_and_labels(samples, labels, fs, unit_ids=np.asarray(templates.unit_ids))
+    return sorting
+
+
+def _sorting_from_labels(events, labels, num_segments, fs):
+    from spikeinterface.core import NumpySorting
+
+    units = np.unique(labels[labels >= 0])
+    ok = labels >= 0
+    samples = [events["sample_index"][ok & (events["segment"] == s)] for s in range(num_segments)]
+    labs = [labels[ok & (events["segment"] == s)] for s in range(num_segments)]
+    return NumpySorting.from_samples_and_labels(samples, labs, fs, unit_ids=units)
+
+
+# ------------------------------------------------------------------------------------ input checks
+def _recording_name(recording) -> str:
+    name = recording.get_annotation("name") if hasattr(recording, "get_annotation") else None
+    return str(name or type(recording).__name__)
+
+
+def _check_enough_events(events: dict, name: str, eparams) -> None:
+    n = len(events["waveform"])
+    if n < MIN_EVENTS:
+        raise ValueError(
+            f"{name}: only {n} spikes detected (at least {MIN_EVENTS} are needed to sort) with "
+            f"detect_threshold={eparams.detect_threshold} x noise and peak_sign={eparams.peak_sign!r}. "
+            "Check that the recording contains spikes (units, gains in microvolts, the right stream) "
+            "or use a model whose preprocessing detects lower thresholds."
+        )
+
+
+def _job_kwargs(job_kwargs: dict | None) -> dict:
+    from spikeinterface.core.job_tools import job_keys
+
+    jk = dict(job_kwargs or {})
+    unknown = sorted(set(jk) - set(job_keys))
+    if unknown:
+        raise ValueError(f"unknown job_kwargs {unknown}; known: {list(job_keys)}")
+    jk.setdefault("n_jobs", 1)
+    jk.setdefault("progress_bar", False)
+    if isinstance(jk["n_jobs"], float) or jk["n_jobs"] < 0:
+        from spikeinterface.core.job_tools import fix_job_kwargs
+
+        jk["n_jobs"] = fix_job_kwargs({"n_jobs": jk["n_jobs"]})["n_jobs"]
+    return jk
+
+
+# ------------------------------------------------------------------------------------ output
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+        if any(out.iterdir()) and not (out / PARAMS_NAME).exists() and not (out / "sort.log").exists():
+            raise FileExistsError(
+                f"{out} exists and was not written by spikevault sort (no {PARAMS_NAME}); refusing to delete it "
+                "even with --overwrite: choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+@contextmanager
+def _log_to(out: Path | None):
+    """Send the inference and spikevault loggers to ``out/sort.log`` while sorting."""
+    if out is None:
+        yield
+        return
+    handler = logging.FileHandler(out / "sort.log", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("inference", "spikevault")]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    except Exception:
+        logging.getLogger(__name__).exception("sort failed")
+        raise
+    finally:
+        for lg, lv in zip(loggers, old):
+            lg.removeHandler(handler)
+            lg.setLevel(lv)
+        handler.close()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a sorting."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import spikevault
+
+    v = {"python": sys.version.split()[0], "spikevault": spikevault.__version__}
+    for pkg in ("spikeinterface", "numpy", "torch", "scikit-learn", "hdbscan", "numba"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return v
+
+
+def _write_params(out: Path, p: SortParams, info: dict, job_kwargs: dict) -> None:
+    doc = {"params": p.to_dict(), "job_kwargs": job_kwargs, "versions": versions(), **info}
+    (out / PARAMS_NAME).write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _save_events(out: Path, r: dict) -> None:
+    """``rejected_events.npz`` (the noise set, inspectable) and ``events.npz`` (labels of all)."""
+    ev, labels, reason = r["events"], r["labels"], r["reason"]
+    rej = labels < 0
+    codes = np.array(sorted(REJECT_REASONS))
+    np.savez_compressed(
+        out / "rejected_events.npz",
+        sample_index=ev["sample_index"][rej], segment=ev["segment"][rej],
+        peak_channel_id=ev["peak_channel_id"][rej], amplitude_uv=ev["amplitude_uv"][rej],
+        waveform=ev["waveform"][rej], channel_offsets_um=ev["channel_offsets_um"][rej],
+        channel_mask=ev["channel_mask"][rej], position_um=r["positions"][rej], reason=reason[rej],
+        reason_codes=codes, reason_names=np.array([REJECT_REASONS[c] for c in codes]),
+    )
+    np.savez_compressed(
+        out / "events.npz", sample_index=ev["sample_index"], segment=ev["segment"],
+        peak_channel_id=ev["peak_channel_id"], cluster=labels, position_um=r["positions"],
+        features=r["X"], region=r["region"],
+    )
+
+
+def _export_phy(out: Path, sorting, rec, job_kwargs) -> None:
+    from spikeinterface.core import create_sorting_analyzer
+    from spikeinterface.exporters import export_to_phy
+
+    analyzer = create_sorting_analyzer(sorting, rec, format="memory", sparse=True, return_in_uV=True)
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar")}
+    analyzer.compute(["random_spikes", "templates", "noise_levels"], **jk)
+    export_to_phy(analyzer, output_folder=out / "phy", compute_pc_features=False, compute_amplitudes=False,
+                  copy_binary=False, remove_if_exists=True, verbose=False, **jk)
+
+
+class _Ticker:
+    def __init__(self, timings: dict):
+        self.timings = timings
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
+        logger.info("%s: %.2f s", name, self.timings[name])

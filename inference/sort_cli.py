@@ -1,0 +1,64 @@
+"""``spikevault sort RECORDING --model default --out DIR``: zero-shot sorting from the command line.
+
+Everything is :func:`inference.sort.sort`; this module only maps flags to its arguments and
+prints a one-screen summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cluster import CLUSTERERS
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recording", help="recording to sort: any path SpikeInterface reads (folder, .nwb, binary...)")
+    parser.add_argument("--model", default="default",
+                        help="model id: 'default', a registry name, a checkpoint folder or hf-hub:ORG/NAME@REV "
+                             "(default: default)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (sorting, report, log, params)")
+    parser.add_argument("--clusterer", choices=CLUSTERERS, default="hdbscan", help="clusterer (default: hdbscan)")
+    parser.add_argument("--features", choices=("model", "pca"), default="model",
+                        help="cluster on the encoder embedding or on PCA of the same events (default: model)")
+    parser.add_argument("--no-matching", dest="matching", action="store_false",
+                        help="skip the final template-matching pass")
+    parser.add_argument("--matching-method", default="circus-omp",
+                        choices=("circus-omp", "wobble", "tdc-peeler", "nearest"),
+                        help="SpikeInterface matching engine (default: circus-omp)")
+    parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
+                        help="drift correction: 'auto' when drift is detected (default), 'on' or 'off'")
+    parser.add_argument("--position-scale-um", type=float, default=12.0,
+                        help="weight of spike position in clustering: um per embedding SD (default: 12)")
+    parser.add_argument("--export-phy", action="store_true", help="also write a phy folder in OUT/phy")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="skip the PNG/HTML report")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it holds a previous sort")
+    parser.add_argument("--n-jobs", type=int, default=1, help="parallel jobs (default: 1; -1 = all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--progress-bar", action="store_true", help="show progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .sort import sort
+
+    motion = {"auto": "auto", "on": True, "off": False}[args.motion_correction]
+    model = None if (args.features == "pca" and args.model in ("none", "None")) else args.model
+    sorting = sort(
+        args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
+        matching=args.matching, matching_method=args.matching_method, motion_correction=motion,
+        position_scale_um=args.position_scale_um, export_phy=args.export_phy, report=args.report,
+        overwrite=args.overwrite, seed=args.seed,
+        job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},
+    )
+    info = json.loads((args.out / "params.json").read_text())
+    print(f"{len(sorting.unit_ids)} units from {info.get('num_events', 0)} detected events "
+          f"({info.get('num_rejected_events', 0)} rejected as noise) in {info['timings_s']['total_s']:.1f} s")
+    if info.get("motion", {}).get("applied"):
+        print(f"motion corrected (max displacement {info['motion']['max_displacement_um']} um)")
+    print(f"sorting: {args.out / 'sorting'}")
+    if args.report:
+        print(f"report:  {args.out / 'report.html'}")
+    if args.export_phy:
+        print(f"phy:     {args.out / 'phy'}")
+    return 0

@@ -1,0 +1,110 @@
+"""Clusterers and curation on controlled data: none is told the number of clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.cluster import CLUSTERERS, ClusterParams, cluster_by_region, cluster_features, make_regions
+from inference.curation import CurationParams, EventSet, curate, merge_clusters, split_clusters
+
+
+def _blobs(k=5, n_per=300, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=12.0, size=(k, d))
+    X = np.concatenate([c + rng.normal(size=(n_per, d)) for c in centers])
+    y = np.repeat(np.arange(k), n_per)
+    return X, y
+
+
+@pytest.mark.parametrize("method", CLUSTERERS)
+def test_clusterers_find_the_number_of_clusters(method):
+    from sklearn.metrics import adjusted_rand_score
+
+    X, y = _blobs()
+    labels = cluster_features(X, ClusterParams(method=method, max_components=12, standardize=True))
+    assert labels.shape == y.shape
+    ok = labels >= 0
+    assert ok.mean() > 0.8  # hdbscan may leave a few points as noise
+    assert adjusted_rand_score(y[ok], labels[ok]) > 0.9
+    n_found = len(np.unique(labels[ok]))
+    if method == "hdbscan":
+        # leaf selection errs towards more, purer clusters; curation's merge re-joins them
+        assert 5 <= n_found <= 8
+    else:
+        assert n_found == 5
+
+
+def test_cluster_params_validation_names_the_flag():
+    with pytest.raises(ValueError, match="clusterer must be one of"):
+        ClusterParams(method="dbscan")
+    with pytest.raises(ValueError, match="max_components"):
+        ClusterParams(max_components=0)
+
+
+def test_regions_and_parallel_region_clustering():
+    X, y = _blobs(k=4, n_per=250)
+    depth = np.where(y < 2, 100.0, 600.0) + np.random.default_rng(1).normal(scale=5, size=len(y))
+    region = make_regions(depth, region_um=200.0, min_region_events=100)
+    assert len(np.unique(region)) == 2
+    labels, reg = cluster_by_region(X, depth, ClusterParams(method="gmm", region_um=200.0), n_jobs=2)
+    assert np.array_equal(reg, region)
+    # no cluster spans two regions and the four blobs are found
+    for u in np.unique(labels[labels >= 0]):
+        assert len(np.unique(reg[labels == u])) == 1
+    assert len(np.unique(labels[labels >= 0])) == 4
+
+
+def _event_set(seed=0, n=400):
+    """Two 'units' on a 4-channel line: same peak channel, different shapes."""
+    rng = np.random.default_rng(seed)
+    T, K, C = 40, 4, 4
+    t = np.arange(T)
+    shape_a = -100 * np.exp(-0.5 * ((t - 12) / 2.0) ** 2)
+    shape_b = -100 * np.exp(-0.5 * ((t - 12) / 2.0) ** 2) + 60 * np.exp(-0.5 * ((t - 20) / 3.0) ** 2)
+    spatial = np.array([1.0, 0.6, 0.3, 0.1])
+    wf = np.concatenate([shape_a[None, :, None] * spatial + rng.normal(scale=5, size=(n, T, K)),
+                         shape_b[None, :, None] * spatial + rng.normal(scale=5, size=(n, T, K))]).astype(np.float16)
+    ev_ch = np.tile(np.arange(K), (2 * n, 1))
+    loc = np.stack([np.zeros(C), np.arange(C) * 20.0], axis=1)
+    truth = np.repeat([0, 1], n)
+    return EventSet(wf, ev_ch, loc, np.full(C, 5.0)), truth
+
+
+def test_split_separates_two_units_in_one_cluster():
+    events, truth = _event_set()
+    labels, n_split = split_clusters(events, np.zeros(len(truth), dtype=np.int64), CurationParams())
+    assert n_split >= 1
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth, labels) > 0.95
+
+
+def test_merge_joins_halves_of_one_unit_and_keeps_distinct_units():
+    events, truth = _event_set()
+    # unit 0 cut in two arbitrary halves, unit 1 intact
+    labels = truth.copy() * 2
+    labels[: len(truth) // 4] = 1
+    merged, n_merge = merge_clusters(events, labels, CurationParams())
+    assert n_merge == 1
+    assert len(np.unique(merged)) == 2
+    assert len(np.unique(merged[truth == 0])) == 1 and len(np.unique(merged[truth == 1])) == 1
+
+
+def test_curate_merges_a_fragment_and_rejects_noise_clusters():
+    events, truth = _event_set()
+    labels = truth.copy()
+    labels[:10] = 7  # a fragment of unit 0: merged back, not a unit of its own
+    out, reason, stats = curate(events, labels, duration_s=10.0, nbefore=12, params=CurationParams())
+    assert stats["final_clusters"] == 2
+    assert len(np.unique(out[truth == 0])) == 1 and np.all(reason == 0)
+    # pure-noise events form a cluster with no spike in its template: rejected as low SNR
+    rng = np.random.default_rng(3)
+    noise = EventSet(rng.normal(scale=5, size=(300, 40, 4)).astype(np.float16), np.tile(np.arange(4), (300, 1)),
+                     events.channel_locations, events.noise_levels_uv)
+    out, reason, _ = curate(noise, np.zeros(300, dtype=np.int64), 10.0, 12, CurationParams())
+    assert np.all(out == -1) and np.all(reason == 3)
+    # too few events: rejected as a small cluster
+    out, reason, _ = curate(events, np.where(np.arange(len(truth)) < 15, 0, -1), 10.0, 12,
+                            CurationParams(min_cluster_size=20))
+    assert np.all(out == -1) and set(np.unique(reason[:15])) <= {1, 2}

@@ -1,0 +1,191 @@
+"""End-to-end zero-shot sorting: the Python call, the CLI and run_sorter on generated recordings,
+scored against their ground truth; every clusterer; the output folder; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+JOB = {"n_jobs": 1}
+
+
+def _accuracy(gt, sorting) -> float:
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    return float(compare_sorter_to_ground_truth(gt, sorting).get_performance()["accuracy"].mean())
+
+
+@pytest.fixture(scope="module")
+def easy(tmp_path_factory):
+    """A saved (serialisable) 15 s, 32-channel recording with 8 units, and its ground truth."""
+    from spikevault.synth import generate_recording
+
+    folder = tmp_path_factory.mktemp("easy")
+    rec, gt = generate_recording(probe="linear32", duration_s=15.0, num_units=8, seed=3)
+    return rec.save(folder=folder / "rec"), gt
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny (untrained) SpikeVAE saved as a checkpoint folder."""
+    import torch
+
+    from inference.checkpoint import save_pretrained
+    from inference.model import ModelConfig, SpikeVAE
+
+    torch.manual_seed(0)
+    net = SpikeVAE(ModelConfig(latent_dim=6, conv_channels=(8, 16), channel_dim=16, attention_heads=2,
+                               decoder_hidden=32))
+    return save_pretrained(net, tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_sort_python_pca_writes_the_output_folder(easy, tmp_path):
+    from inference import sort
+
+    rec, gt = easy
+    out = tmp_path / "out"
+    sorting = sort(rec, model=None, features="pca", out=out, job_kwargs=JOB)
+    assert _accuracy(gt, sorting) > 0.8
+    for name in ("sorting", "rejected_events.npz", "events.npz", "params.json", "sort.log", "report.html",
+                 "report/embedding.png", "report/waveforms.png", "report/isi.png", "report/amplitudes.png"):
+        assert (out / name).exists(), name
+    params = json.loads((out / "params.json").read_text())
+    assert params["params"]["clusterer"] == "hdbscan" and params["versions"]["spikeinterface"]
+    assert params["num_units"] == len(sorting.unit_ids)
+    rejected = np.load(out / "rejected_events.npz")
+    assert len(rejected["sample_index"]) == params["num_rejected_events"]
+    assert rejected["waveform"].shape[1:] == (60, 12) and set(rejected["reason"]) <= {1, 2, 3, 4}
+    assert "sorted" in (out / "sort.log").read_text()
+    # an existing output folder is refused unless overwrite
+    with pytest.raises(FileExistsError, match="overwrite"):
+        sort(rec, model=None, features="pca", out=out, job_kwargs=JOB)
+
+
+def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
+    from inference.sort import sort
+
+    rec, gt = easy
+    sorting = sort(rec, model=str(tiny_model), out=tmp_path / "out", report=False, job_kwargs=JOB)
+    assert _accuracy(gt, sorting) > 0.6
+    params = json.loads((tmp_path / "out" / "params.json").read_text())
+    assert params["model"]["id"] == str(tiny_model)
+    assert params["embedding_events_per_s"] > 0
+    assert params["model"]["config"]["latent_dim"] == 6
+
+
+def test_cli_sort(easy, tmp_path, capsys):
+    from spikeinterface.core import load
+
+    from spikevault.cli import main
+
+    rec, gt = easy
+    out = tmp_path / "cli"
+    argv = ["sort", str(rec._kwargs.get("folder_path", "")) or "", "--model", "none", "--features", "pca",
+            "--out", str(out), "--export-phy", "--no-report"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "units from" in printed and "phy" in printed
+    assert (out / "phy" / "spike_times.npy").exists() and (out / "phy" / "params.py").exists()
+    assert _accuracy(gt, load(out / "sorting")) > 0.8
+    # second run: clear error (exit code 2), --overwrite replaces it
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite", "--no-matching", "--clusterer", "gmm"]) == 0
+    assert json.loads((out / "params.json").read_text())["params"]["matching"] is False
+
+
+def test_run_sorter_spikevault(easy, tmp_path):
+    import inference.sorter  # noqa: F401 - registers "spikevault"
+    from spikeinterface.sorters import available_sorters, get_default_sorter_params, run_sorter
+
+    rec, gt = easy
+    assert "spikevault" in available_sorters()
+    assert get_default_sorter_params("spikevault")["clusterer"] == "hdbscan"
+    sorting = run_sorter("spikevault", rec, folder=tmp_path / "rs", model=None, features="pca", report=False)
+    assert _accuracy(gt, sorting) > 0.8
+    assert (tmp_path / "rs" / "sorter_output" / "spikevault" / "params.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clusterer", ["gmm", "dpgmm", "kmeans"])
+def test_each_clusterer_sorts(small_recording, clusterer):
+    from inference.sort import sort
+
+    rec, gt = small_recording
+    sorting = sort(rec, model=None, features="pca", clusterer=clusterer, job_kwargs=JOB)
+    assert _accuracy(gt, sorting) > 0.6
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_parameters_name_the_flag(easy):
+    from inference.sort import sort
+
+    rec, _ = easy
+    with pytest.raises(ValueError, match="clusterer must be one of"):
+        sort(rec, model=None, features="pca", clusterer="dbscan")
+    with pytest.raises(ValueError, match="features must be one of"):
+        sort(rec, model=None, features="raw")
+    with pytest.raises(ValueError, match="needs a model"):
+        sort(rec, model=None, features="model")
+    with pytest.raises(ValueError, match="unknown job_kwargs"):
+        sort(rec, model=None, features="pca", job_kwargs={"n_workers": 2})
+
+
+def test_no_detectable_spikes_is_a_clear_error():
+    from spikeinterface.core import generate_recording
+
+    from inference.sort import sort
+
+    noise = generate_recording(num_channels=8, durations=[3.0], sampling_frequency=30_000.0, seed=0)
+    with pytest.raises(ValueError, match="spikes detected"):
+        sort(noise, model=None, features="pca", job_kwargs=JOB)
+
+
+def test_refuses_to_overwrite_a_folder_it_did_not_write(easy, tmp_path):
+    from inference.sort import sort
+
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not written by spikevault"):
+        sort(easy[0], model=None, features="pca", out=tmp_path, overwrite=True)
+    assert (tmp_path / "mine.txt").exists()
+
+
+def test_model_with_unsupported_schema_is_a_clear_error(tiny_model, tmp_path, easy):
+    import shutil
+
+    from inference.sort import sort
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["schema"]["version"] = 99
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="schema"):
+        sort(easy[0], model=str(bad), job_kwargs=JOB)
+
+
+@pytest.mark.slow
+def test_other_sampling_rate_is_resampled(tiny_model):
+    """A 20 kHz recording sorts with a 30 kHz model: events are resampled by the extraction and
+    spike times stay at the recording's rate."""
+    from spikevault.synth import generate_recording
+
+    from inference.sort import sort
+
+    rec, gt = generate_recording(probe="linear32", duration_s=10.0, num_units=6, sampling_rate_hz=20_000.0, seed=5)
+    sorting = sort(rec, model=str(tiny_model), job_kwargs=JOB)
+    assert sorting.get_sampling_frequency() == 20_000.0
+    assert _accuracy(gt, sorting) > 0.6
+
+
+@pytest.mark.slow
+def test_single_channel_recording(tiny_recording_factory):
+    """One wire: no common reference, K-1 masked channels, position is the wire; still sorts."""
+    from inference.sort import sort
+
+    rec, gt = tiny_recording_factory(probe="single", duration_s=10.0, num_units=2, seed=1)
+    sorting = sort(rec, model=None, features="pca", job_kwargs=JOB)
+    assert len(sorting.unit_ids) >= 1
+    assert _accuracy(gt, sorting) > 0.3
