@@ -120,7 +120,7 @@ def make_model_card(config_dict: dict[str, Any], card_info: dict[str, Any] | Non
     T = schema.get("num_samples")
     K = schema.get("num_channels")
     rate = schema.get("sampling_rate_hz")
-    model_ref = f"hf-hub:{repo_id}" if repo_id else "CHECKPOINT_FOLDER"
+    model_ref = info.get("model_ref") or (f"hf-hub:{repo_id}" if repo_id else "CHECKPOINT_FOLDER")
     s: list[str] = [f"# {name}", ""]
     s.append(
         info.get("description")
@@ -131,9 +131,9 @@ def make_model_card(config_dict: dict[str, Any], card_info: dict[str, Any] | Non
     s += ["", "## How to use", "", "```bash", f"spikevault sort RECORDING --model {model_ref} --out sorted/", "```", "",
           "```python", "from inference.checkpoint import load_model", "", f'model = load_model("{model_ref}")  # eval mode, verified',
           "mu = model.embed(waveform, channel_offsets_um, channel_mask)  # [B,T,K], [B,K,2], [B,K]", "```", ""]
-    if not repo_id:
+    if model_ref == "CHECKPOINT_FOLDER":
         s += ["`CHECKPOINT_FOLDER` is this folder, or `hf-hub:ORG/NAME` once published (`spikevault publish`).", ""]
-    else:
+    elif repo_id:
         s += ["Pin a revision for reproducible results: `--model hf-hub:" + repo_id + "@<full commit sha>`.", ""]
 
     s += ["## Training corpus", ""]

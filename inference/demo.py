@@ -43,7 +43,7 @@ def run_demo(out: Path, model: str = "default", probe: str = "linear32", duratio
         t0 = time.perf_counter()
         sorting = sort(recording, model=model, features=features, out=out / name, overwrite=True)
         wall_s = time.perf_counter() - t0
-        cmp = compare_sorter_to_ground_truth(gt, sorting)
+        cmp = compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True)
         perf = cmp.get_performance()
         scores[name] = {
             "mean_accuracy": float(perf["accuracy"].mean()),

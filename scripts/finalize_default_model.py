@@ -40,6 +40,8 @@ def main() -> int:
     licences = sorted({s.licence or "unknown" for s in sources})
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     corpus_card = (args.corpus / "README.md").read_text()
+    # The model card quotes the corpus card's body (its YAML header belongs to the dataset card).
+    corpus_body = corpus_card.split("\n---\n", 1)[1] if corpus_card.startswith("---\n") else corpus_card
 
     config = dict(info.config)
     extra = {k: config[k] for k in ("training", "step", "metrics", "corpus") if k in config}
@@ -54,6 +56,7 @@ def main() -> int:
         model, args.dest,
         card_info={
             "model_name": "spikevault default",
+            "model_ref": "default",
             "description": (
                 "The embedded default spike encoder of SpikeVault, pretrained self-supervised "
                 f"(`configs/pretrain/default.yaml`) on {len(sources)} generated ground-truth recordings "
@@ -63,7 +66,7 @@ def main() -> int:
             ),
             "license": licence,
             "datasets": ["spikevault-synth-default"],
-            "corpus_card": corpus_card[:4000],
+            "corpus_card": corpus_body[:4000],
             "limitations": (
                 "Trained on generated and hybrid data only; evaluate on your own ground truth or fine-tune "
                 "(`spikevault finetune`) for a new probe, species or rate. See BENCHMARKS.md for held-out "
