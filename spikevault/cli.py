@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Commands raise their own loggers' level to fill their log files; the console stays quiet.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
     try:
         return int(args._main(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
