@@ -500,10 +500,8 @@ def _make_fabric(config: FinetuneConfig, out: Path):
 
 def _train(config: FinetuneConfig, parent, tuning: TuningData, out: Path, stop_after: int | None):
     """Build Fabric + state (the pretraining loop's layout), restore a checkpoint, run the mode."""
-    import torch
-
     from inference.model import SpikeVAE
-    from pretrain.train import STATE_NAME, _lr_lambda, find_resume_dir
+    from pretrain.train import find_resume_dir, make_train_state
 
     pcfg = pretrain_config_for(config, parent, out)
     fabric = _make_fabric(config, out)
@@ -515,24 +513,9 @@ def _train(config: FinetuneConfig, parent, tuning: TuningData, out: Path, stop_a
     frozen = freeze_encoder(model, config.freeze_layers, config.freeze)
     if frozen:
         logger.info("frozen encoder layers: %s", ", ".join(frozen))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(pcfg))
-    state = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "step": 0,
-        "data": {"epoch": 0, "batch": 0, "stream": {}},
-        "rng": {"torch": torch.get_rng_state()},
-        "config": pcfg.to_dict(),
-        "finetune": {"mode": config.mode, "deepcluster": {}},
-    }
+    state = make_train_state(fabric, model, pcfg, lr=config.lr, weight_decay=config.weight_decay,
+                             resume_dir=resume_dir, finetune={"mode": config.mode, "deepcluster": {}})
     if resume_dir is not None:
-        fabric.load(resume_dir / STATE_NAME, state)
-        torch.set_rng_state(state["rng"]["torch"])
-        logger.info("resumed from %s at step %d", resume_dir, state["step"])
         fabric.print(f"Resuming from {resume_dir} (step {state['step']})")
 
     stream = EventBlockStream(tuning.train, config.batch_size, seed=config.seed)

@@ -149,24 +149,11 @@ def _main(fabric, config: PretrainConfig, out_dir: Path, resume: str) -> dict[st
         model = SpikeVAE(model_config)
     if config.init_from and resume_dir is None:
         _init_weights(model, config.init_from, model_config)
-    model = fabric.setup_module(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    state = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "step": 0,
-        "data": {"epoch": 0, "batch": 0, "stream": {}},
-        "rng": {"torch": torch.get_rng_state()},
-        "config": config.to_dict(),
-    }
     if resume_dir is not None:
         _check_resume_compatible(resume_dir, model_config)
-        fabric.load(resume_dir / STATE_NAME, state)
-        torch.set_rng_state(state["rng"]["torch"])
-        logger.info("resumed from %s at step %d", resume_dir, state["step"])
+    state = make_train_state(fabric, model, config, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                             resume_dir=resume_dir)
+    if resume_dir is not None:
         fabric.print(f"Resuming from {resume_dir} (step {state['step']})")
     state["config"] = config.to_dict()
     if fabric.global_rank == 0:
@@ -245,7 +232,7 @@ def load_val_events(config: PretrainConfig, schema: EventSchema) -> dict[str, np
     return block
 
 
-def _lr_lambda(config: PretrainConfig):
+def lr_schedule(config: PretrainConfig):
     o, total = config.optim, config.max_steps
 
     def factor(step: int) -> float:
@@ -281,6 +268,36 @@ def _check_same_architecture(found: ModelConfig, expected: ModelConfig, what: st
 
 
 # =============================================================================== resume
+def make_train_state(fabric, model, config: PretrainConfig, *, lr: float, weight_decay: float,
+                     resume_dir: Path | None = None, **extra) -> dict[str, Any]:
+    """Set up the model and its optimiser under Fabric and return the state a checkpoint saves.
+
+    The state holds the model, an AdamW optimiser over the parameters that require gradients, the
+    warm-up + cosine schedule of ``config``, the step, the data position and the RNG (plus any
+    ``extra`` entries, e.g. fine-tuning's); with ``resume_dir`` it is restored from that checkpoint.
+    Pretraining and fine-tuning share it, so both resume the same way.
+    """
+    model = fabric.setup_module(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "step": 0,
+        "data": {"epoch": 0, "batch": 0, "stream": {}},
+        "rng": {"torch": torch.get_rng_state()},
+        "config": config.to_dict(),
+        **extra,
+    }
+    if resume_dir is not None:
+        fabric.load(resume_dir / STATE_NAME, state)
+        torch.set_rng_state(state["rng"]["torch"])
+        logger.info("resumed from %s at step %d", resume_dir, state["step"])
+    return state
+
+
 def list_step_dirs(out_dir: Path) -> list[Path]:
     """Complete ``step-XXXXXXXX`` checkpoint folders of a run, oldest first."""
     if not out_dir.is_dir():
@@ -617,11 +634,12 @@ def save_checkpoint(fabric, state: dict, out_dir: Path, config: PretrainConfig, 
     fabric.save(tmp / STATE_NAME, state)
     _export(fabric, state["model"], tmp, config, metrics, step)
     if fabric.global_rank == 0:
+        # Flush the logs first: once the checkpoint exists, a kill must not lose the steps before it.
+        for lg in fabric.loggers:
+            lg.save()
         if final.exists():  # only possible when resuming from an older step of the same run
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for lg in fabric.loggers:
-            lg.save()
         if config.keep_last_checkpoints:
             for old in list_step_dirs(out_dir)[:-config.keep_last_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
