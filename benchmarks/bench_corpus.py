@@ -77,6 +77,8 @@ def bench_extract(duration_s: float, num_channels_probe: str = "linear32") -> tu
     for _ in iter_event_blocks(warm, recording_id="warm", job_kwargs={"n_jobs": 1, "progress_bar": False}):
         pass  # numba compilation
     rec, _ = generate_recording(probe=num_channels_probe, duration_s=duration_s, num_units=10, seed=0)
+    # Read from disk like a real recording: the generator synthesises its traces on the fly (slow).
+    rec = rec.save(folder=Path(tempfile.mkdtemp(prefix="bench_corpus_rec_")) / "rec", progress_bar=False)
     t = time.perf_counter()
     n = sum(len(b["waveform"]) for b in iter_event_blocks(rec, recording_id="bench",
                                                           job_kwargs={"n_jobs": 1, "progress_bar": False}))
@@ -93,6 +95,9 @@ def main() -> None:
     p.add_argument("--machines", default="1,8,32,128", help="machine counts for the extrapolation")
     p.add_argument("--workers-per-machine", type=int, default=2, help="recordings built at once per machine")
     args = p.parse_args()
+
+    import pyarrow.parquet  # noqa: F401 - imported before timing: the writers import them lazily
+    import webdataset  # noqa: F401
 
     from spikevault.shards import random_block
 

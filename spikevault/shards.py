@@ -50,7 +50,7 @@ DEFAULT_ROW_GROUP_SIZE = 32_768
 DEFAULT_EVENTS_PER_SHARD = 65_536
 
 # Fixed tar header fields so shard bytes depend only on the events.
-_TAR_KW = dict(mtime=0.0, user="spikevault", group="spikevault", mode=0o444)
+_TAR_KW = dict(mtime=0, user="spikevault", group="spikevault", mode=0o444)
 
 
 class CorruptShardError(ValueError):
