@@ -9,7 +9,7 @@ Cases (generated ground truth, seeds the embedded model never saw):
 Sorters: ``spikevault`` (the model), ``spikevault-pca`` (same pipeline, PCA features),
 ``pca-kmeans`` (PCA of the same detected events + KMeans with BIC-chosen k, no curation or
 matching: the naive baseline), ``spykingcircus2`` and ``tridesclous2`` (SpikeInterface built-ins,
-default parameters), ``mountainsort5`` when installed. Each sorter runs in its own subprocess:
+default parameters), ``mountainsort5`` when installed (``--sorters ... lupin`` adds Lupin). Each sorter runs in its own subprocess:
 wall time and peak memory (``ru_maxrss``) are the whole process's. Scores are SpikeInterface's
 ``compare_sorter_to_ground_truth`` (default 0.4 ms window).
 
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 SORTERS = ("spikevault", "spikevault-pca", "pca-kmeans", "spykingcircus2", "tridesclous2", "mountainsort5")
+#: Also accepted by ``--sorters`` (not run by default): Lupin, SpikeInterface's newest built-in.
+EXTRA_SORTERS = ("lupin",)
 
 CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=120.0, num_units=15, seed=1001),
@@ -113,8 +115,10 @@ def worker(case_dir: Path, sorter: str, out: Path, model: str, n_jobs: int) -> N
     else:
         from spikeinterface.sorters import run_sorter
 
-        sorting = run_sorter(sorter, rec, folder=out / sorter, remove_existing_folder=True, verbose=False,
-                             job_kwargs={"n_jobs": n_jobs} if sorter in ("spykingcircus2", "tridesclous2") else None)
+        # job_kwargs only for the sorters built on SpikeInterface's components (others take it as
+        # an unknown sorter parameter)
+        kw = {"job_kwargs": {"n_jobs": n_jobs}} if sorter in ("spykingcircus2", "tridesclous2", "lupin") else {}
+        sorting = run_sorter(sorter, rec, folder=out / sorter, remove_existing_folder=True, verbose=False, **kw)
     wall = time.perf_counter() - t0
     sorting.save(folder=out / "sorting", overwrite=True)
     rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="work folder (recordings, outputs)")
     parser.add_argument("--quick", action="store_true", help="small recordings (minutes instead of hours)")
     parser.add_argument("--model", default="default", help="model id for the spikevault row (default: default)")
-    parser.add_argument("--sorters", nargs="+", default=list(SORTERS), choices=SORTERS)
+    parser.add_argument("--sorters", nargs="+", default=list(SORTERS), choices=SORTERS + EXTRA_SORTERS)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--n-jobs", type=int, default=2, help="jobs per sorter (default: 2)")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="per-sorter time limit")

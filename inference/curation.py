@@ -46,6 +46,26 @@ class CurationParams:
     """Only pairs whose template peak channels are at most this far apart are tested."""
     merge_noise_ratio: float = 1.5
     """Merge without a test when the templates' largest difference is below this many noise SDs."""
+    merge_sure_similarity: float = 0.95
+    """Merge without the unimodality test when the templates' cosine similarity (all channels,
+    best shift) is at least this, their peak channels are within ``merge_radius_um`` and their
+    peak amplitudes within ``merge_sure_amplitude_ratio``. Motion-corrected traces split a unit
+    by the sub-pitch phase of its displacement (the interpolation's residual error): two
+    near-identical templates whose events are nonetheless bimodal along their small difference."""
+    merge_sure_amplitude_ratio: float = 0.8
+    """Smaller / larger template peak amplitude of a pair merged by ``merge_sure_similarity``."""
+    merge_time_similarity: float = 0.85
+    """Pairs with at least this template similarity whose firing over time is complementary
+    (see ``merge_time_overlap``) are merged without the unimodality test: one unit whose
+    waveform changed with the probe's drift (near the probe's ends, where motion correction
+    extrapolates) is cut in time, not in waveform space."""
+    merge_time_overlap: float = 0.4
+    """Complementary firing: the overlap of the two clusters' spike-count histograms over
+    ``merge_time_bins`` time bins (sum of the bin-wise minimum of the two normalised
+    histograms: 1 for two clusters firing alike over time, 0 for two that never fire in the
+    same bin) is below this."""
+    merge_time_bins: int = 12
+    """Time bins of the firing-overlap test (needs at least 5 events per bin in each cluster)."""
     max_rounds: int = 6
     """Split/merge rounds (each: split every cluster recursively, then merge until stable)."""
     max_split_depth: int = 4
@@ -71,9 +91,12 @@ class CurationParams:
         for name in ("split_dipscore", "merge_dipscore", "merge_radius_um", "merge_noise_ratio", "min_snr"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.merge_min_similarity <= 1:
-            problems.append(f"merge_min_similarity must be in [0, 1], got {self.merge_min_similarity}")
-        for name in ("max_rounds", "min_cluster_size", "split_pca_components", "local_channels", "max_test_events"):
+        for name in ("merge_min_similarity", "merge_sure_similarity", "merge_sure_amplitude_ratio",
+                     "merge_time_similarity", "merge_time_overlap"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_rounds", "min_cluster_size", "split_pca_components", "local_channels", "max_test_events",
+                     "merge_time_bins"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if problems:
@@ -97,9 +120,13 @@ class EventSet:
         Probe channel positions in micrometres.
     noise_levels_uv : ndarray [C]
         Noise SD of each probe channel.
+    times_s : ndarray [N], optional
+        Time of each event in seconds (segments laid end to end); enables the merge of clusters
+        that are one unit at different times (see ``CurationParams.merge_time_overlap``).
     """
 
-    def __init__(self, waveforms, event_channels, channel_locations, noise_levels_uv):
+    def __init__(self, waveforms, event_channels, channel_locations, noise_levels_uv, times_s=None):
+        self.times_s = None if times_s is None else np.asarray(times_s, dtype=np.float64)
         self.waveforms = waveforms
         self.event_channels = np.asarray(event_channels, dtype=np.int64)
         self.channel_locations = np.asarray(channel_locations, dtype=float)
@@ -334,6 +361,18 @@ def _merge_test(events: EventSet, ia: np.ndarray, ib: np.ndarray, ta, tb, shift:
     return dip < p.merge_dipscore, dip
 
 
+def _time_overlap(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: CurationParams) -> float:
+    """Overlap (0..1) of two clusters' normalised spike-count histograms over time; 1 (no
+    evidence of complementary firing) without event times or with too few events."""
+    if events.times_s is None or min(len(ia), len(ib)) < 5 * p.merge_time_bins:
+        return 1.0
+    t = events.times_s
+    edges = np.linspace(t.min(), t.max() + 1e-9, p.merge_time_bins + 1)
+    ha = np.histogram(t[ia], edges)[0] / len(ia)
+    hb = np.histogram(t[ib], edges)[0] / len(ib)
+    return float(np.minimum(ha, hb).sum())
+
+
 def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> tuple[np.ndarray, int]:
     """Merge similar clusters whose union is unimodal, until no pair merges. Returns (labels, merges)."""
     rng = np.random.default_rng(p.seed + 1)
@@ -346,13 +385,14 @@ def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> t
             break
         peak_ch = np.argmax(np.ptp(templates, axis=1), axis=1)
         peak_xy = events.channel_locations[peak_ch]
+        peak_amp = np.ptp(templates, axis=1).max(axis=1)
         pairs = []
         for i in range(len(units)):
             for j in range(i + 1, len(units)):
                 if np.linalg.norm(peak_xy[i] - peak_xy[j]) > p.merge_radius_um:
                     continue
                 sim, shift = _similarity(templates[i], templates[j], p.max_shift)
-                if sim >= p.merge_min_similarity:
+                if sim >= min(p.merge_min_similarity, p.merge_time_similarity):
                     pairs.append((sim, i, j, shift))
         pairs.sort(reverse=True)
         used: set[int] = set()
@@ -364,7 +404,15 @@ def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> t
             if key in tested:
                 continue
             ia, ib = np.flatnonzero(labels == units[i]), np.flatnonzero(labels == units[j])
-            ok, dip = _merge_test(events, ia, ib, templates[i], templates[j], shift, p, rng)
+            ratio = min(peak_amp[i], peak_amp[j]) / max(peak_amp[i], peak_amp[j], 1e-9)
+            if sim >= p.merge_sure_similarity and ratio >= p.merge_sure_amplitude_ratio:
+                ok, dip = True, 0.0
+            elif sim >= p.merge_time_similarity and _time_overlap(events, ia, ib, p) < p.merge_time_overlap:
+                ok, dip = True, 0.0
+            elif sim < p.merge_min_similarity:
+                ok, dip = False, np.inf
+            else:
+                ok, dip = _merge_test(events, ia, ib, templates[i], templates[j], shift, p, rng)
             tested[key] = ok
             logger.debug("merge test %d+%d sim=%.2f dip=%.2f -> %s", units[i], units[j], sim, dip, ok)
             if ok:

@@ -102,6 +102,8 @@ def generate_recording(
     seed: int = 0,
     firing_rate_range_hz: tuple[float, float] = (2.0, 15.0),
     amplitude_range_uv: tuple[float, float] = (150.0, 500.0),
+    drift_amplitude_um: float = 0.0,
+    drift_period_s: float | None = None,
 ):
     """Generate a ground-truth recording with SpikeInterface's parametric templates.
 
@@ -124,6 +126,14 @@ def generate_recording(
     amplitude_range_uv : (float, float)
         Range of the templates' ``alpha`` (amplitude at the soma) in microvolts; the amplitude seen
         on the nearest contact is lower, depending on the unit's distance.
+    drift_amplitude_um : float
+        0 (default): a static recording. Above 0, every unit moves along the probe's depth in a
+        zigzag between ``+drift_amplitude_um`` and ``-drift_amplitude_um``, starting after the
+        first fifth of the recording (rigid drift, made by
+        :func:`spikeinterface.generation.generate_drifting_recording` with the same probe, unit
+        placement, firing rates, amplitudes and white noise as the static recording).
+    drift_period_s : float, optional
+        Period of the zigzag (default: two thirds of the duration).
 
     Returns
     -------
@@ -137,8 +147,15 @@ def generate_recording(
 
     _check_args(duration_s=duration_s, num_units=num_units, sampling_rate_hz=sampling_rate_hz,
                 noise_level_uv=noise_level_uv, firing_rate_range_hz=firing_rate_range_hz)
+    if drift_amplitude_um < 0 or (drift_period_s is not None and not drift_period_s > 0):
+        raise ValueError(f"drift_amplitude_um must be >= 0 and drift_period_s > 0, got {drift_amplitude_um} and "
+                         f"{drift_period_s}")
     prb = make_probe(probe)
     num_channels = prb.get_contact_count()
+    if drift_amplitude_um > 0:
+        return _generate_drifting(prb, probe, float(duration_s), int(num_units), float(sampling_rate_hz),
+                                  float(noise_level_uv), int(seed), firing_rate_range_hz, amplitude_range_uv,
+                                  float(drift_amplitude_um), drift_period_s)
     recording, sorting = generate_ground_truth_recording(
         durations=[float(duration_s)],
         sampling_frequency=float(sampling_rate_hz),
@@ -154,6 +171,33 @@ def generate_recording(
         seed=int(seed),
     )
     recording.annotate(probe_name=probe)
+    return recording, sorting
+
+
+def _generate_drifting(prb, probe_name, duration_s, num_units, sampling_rate_hz, noise_level_uv, seed,
+                       firing_rate_range_hz, amplitude_range_uv, drift_amplitude_um, drift_period_s):
+    from spikeinterface.generation import generate_drifting_recording
+
+    _, recording, sorting = generate_drifting_recording(
+        num_units=num_units,
+        duration=duration_s,
+        sampling_frequency=sampling_rate_hz,
+        probe=prb,
+        generate_unit_locations_kwargs=_unit_location_kwargs(prb.get_contact_count()),
+        generate_displacement_vector_kwargs=dict(
+            displacement_sampling_frequency=5.0, drift_start_um=[0.0, drift_amplitude_um],
+            drift_stop_um=[0.0, -drift_amplitude_um], drift_step_um=1,
+            motion_list=[dict(drift_mode="zigzag", non_rigid_gradient=None, t_start_drift=duration_s / 5,
+                              t_end_drift=None, period_s=drift_period_s or duration_s / 1.5)],
+        ),
+        generate_templates_kwargs=dict(ms_before=1.0, ms_after=2.5, mode="ellipsoid",
+                                       unit_params=dict(alpha=tuple(map(float, amplitude_range_uv)))),
+        generate_sorting_kwargs=dict(firing_rates=tuple(map(float, firing_rate_range_hz)), refractory_period_ms=4.0),
+        generate_noise_kwargs=dict(noise_levels=noise_level_uv, spatial_decay=None),
+        seed=seed,
+    )
+    recording.annotate(probe_name=probe_name, is_filtered=True)
+    recording.set_probe(prb, in_place=True) if not recording.has_probe() else None
     return recording, sorting
 
 

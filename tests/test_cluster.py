@@ -108,3 +108,44 @@ def test_curate_merges_a_fragment_and_rejects_noise_clusters():
     out, reason, _ = curate(events, np.where(np.arange(len(truth)) < 15, 0, -1), 10.0, 12,
                             CurationParams(min_cluster_size=20))
     assert np.all(out == -1) and set(np.unique(reason[:15])) <= {1, 2}
+
+
+def _drifted_unit(seed=0, n=600, delta=0.25):
+    """One unit whose waveform has two states (its trough 'delta' sharper in the second), split
+    into two clusters by state; a third, different unit. Times: the states alternate in blocks."""
+    rng = np.random.default_rng(seed)
+    T, K = 40, 4
+    t = np.arange(T)
+    base = -100 * np.exp(-0.5 * ((t - 12) / 2.0) ** 2)
+    other = -100 * np.exp(-0.5 * ((t - 12) / 2.0) ** 2) + 70 * np.exp(-0.5 * ((t - 20) / 3.0) ** 2)
+    spatial = np.array([1.0, 0.6, 0.3, 0.1])
+    state_b = base * (1 + delta * np.exp(-0.5 * ((t - 12) / 1.0) ** 2))
+    wf = np.concatenate([base[None, :, None] * spatial + rng.normal(scale=3, size=(n, T, K)),
+                         state_b[None, :, None] * spatial + rng.normal(scale=3, size=(n, T, K)),
+                         other[None, :, None] * spatial + rng.normal(scale=3, size=(n, T, K))]).astype(np.float16)
+    # states alternate every 10 s over 120 s; the other unit fires throughout
+    block = rng.uniform(0, 10, size=2 * n) + 20 * rng.integers(0, 6, size=2 * n)
+    times = np.concatenate([block[:n], block[n:] + 10, rng.uniform(0, 120, size=n)])
+    loc = np.stack([np.zeros(K), np.arange(K) * 20.0], axis=1)
+    return wf, np.tile(np.arange(K), (3 * n, 1)), loc, times, np.repeat([0, 1, 2], n)
+
+
+def test_merge_joins_one_unit_split_in_time_but_not_distinct_units():
+    wf, ch, loc, times, labels = _drifted_unit()
+    noise = np.full(4, 3.0)
+    # without event times the two states are bimodal: kept apart (the test is about shape)
+    p = CurationParams(merge_sure_similarity=1.0)
+    split, _ = merge_clusters(EventSet(wf, ch, loc, noise), labels, p)
+    assert len(np.unique(split)) == 3
+    # with times: the states never fire together -> one unit; the other unit stays distinct
+    merged, n = merge_clusters(EventSet(wf, ch, loc, noise, times_s=times), labels, p)
+    assert n == 1 and len(np.unique(merged[labels < 2])) == 1 and len(np.unique(merged)) == 2
+    # two units firing at the same times are not merged by the time rule however similar
+    same_time = times.copy()
+    same_time[labels == 1] = np.random.default_rng(1).uniform(0, 120, size=np.sum(labels == 1))
+    kept, _ = merge_clusters(EventSet(wf, ch, loc, noise, times_s=same_time), labels, p)
+    assert len(np.unique(kept)) == 3
+    # near-identical templates of similar amplitude merge without the unimodality test
+    sure, _ = merge_clusters(EventSet(wf, ch, loc, noise), labels,
+                             CurationParams(merge_sure_similarity=0.95, merge_sure_amplitude_ratio=0.75))
+    assert len(np.unique(sure[labels < 2])) == 1 and len(np.unique(sure)) == 2

@@ -188,3 +188,41 @@ def test_hybrid_recording_ground_truth_is_detectable(shared_data_dir, probe, tem
 
 def test_all_probe_names_listed():
     assert set(PROBE_NAMES) == {"single", "tetrode", "linear32", "dense64", "neuropixels"}
+
+
+def test_generate_recording_with_drift_moves_units_along_depth():
+    """drift_amplitude_um > 0: same arguments, units drift by about +-amplitude along the probe;
+    the default stays static."""
+    kw = dict(probe="dense64", duration_s=10.0, num_units=3, seed=2, amplitude_range_uv=(400.0, 500.0))
+    rec, gt = generate_recording(drift_amplitude_um=25.0, drift_period_s=4.0, **kw)
+    again, _ = generate_recording(drift_amplitude_um=25.0, drift_period_s=4.0, **kw)
+    np.testing.assert_array_equal(rec.get_traces(end_frame=3000), again.get_traces(end_frame=3000))
+    assert rec.get_num_channels() == 64 and rec.has_probe() and rec.get_annotation("probe_name") == "dense64"
+    with pytest.raises(ValueError, match="drift_amplitude_um"):
+        generate_recording(drift_amplitude_um=-1.0, **kw)
+
+    def depth_over_time(recording, sorting):
+        """Amplitude-weighted depth of each unit's mean waveform in 1 s windows -> [units, windows]."""
+        y = recording.get_channel_locations()[:, 1]
+        fs = recording.get_sampling_frequency()
+        tr = recording.get_traces(return_in_uV=True)
+        out = []
+        for u in sorting.unit_ids:
+            st = sorting.get_unit_spike_train(unit_id=u)
+            st = st[(st > 30) & (st < len(tr) - 60)]
+            depths = []
+            for w in range(int(recording.get_total_duration())):
+                s = st[(st >= w * fs) & (st < (w + 1) * fs)]
+                if len(s) < 2:
+                    continue
+                wf = np.mean([tr[i - 30: i + 60] for i in s], axis=0)
+                ptp = np.ptp(wf, axis=0)
+                ptp = np.where(ptp > 0.5 * ptp.max(), ptp, 0.0)
+                depths.append(np.sum(ptp * y) / ptp.sum())
+            out.append(np.ptp(depths))
+        return np.array(out)
+
+    moved = depth_over_time(rec, gt)
+    static, gt_static = generate_recording(**kw)
+    assert np.median(moved) > 20.0  # +-25 um zigzag: the units travel tens of micrometres
+    assert np.median(depth_over_time(static, gt_static)) < 10.0
