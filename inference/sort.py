@@ -69,8 +69,8 @@ class SortParams:
     """Clustering weight of position: this many micrometres count as one SD of an embedding dim."""
     pca_components: int = 10
     """Components of the PCA features (features='pca')."""
-    embed_batch_size: int = 4096
-    """Events per encoder batch."""
+    embed_batch_size: int = 512
+    """Events per encoder batch (the activations of 512 events x K channels stay under ~100 MB)."""
     template_ms_before: float = 1.0
     """Matching templates: window before the peak (ms)."""
     template_ms_after: float = 2.0
@@ -357,7 +357,7 @@ def load_contract(model, features: str):
     return (net if features == "model" else None), schema, eparams, desc
 
 
-def embed_events(net, events: dict, batch_size: int = 4096, n_threads: int = 1) -> tuple[np.ndarray, float]:
+def embed_events(net, events: dict, batch_size: int = 512, n_threads: int = 1) -> tuple[np.ndarray, float]:
     """Encoder embedding (latent mean) of every event, in batches, without gradients.
 
     Returns the ``[N, D]`` float32 embedding and the throughput in events per second.
