@@ -81,25 +81,34 @@ def _standardize(X: np.ndarray) -> np.ndarray:
     return (X - X.mean(axis=0)) / std
 
 
+def _scan_k_by_bic(fit, kmax: int, name: str, patience: int = 3):
+    """Fit ``fit(k) -> (model, bic)`` for k = 1, 2, ... and return the model of lowest BIC; the scan
+    stops ``patience`` steps past the minimum (or at ``kmax``)."""
+    best, best_bic, since_best = None, np.inf, 0
+    for k in range(1, kmax + 1):
+        model, bic = fit(k)
+        logger.debug("%s k=%d bic=%.1f", name, k, bic)
+        if bic < best_bic:
+            best, best_bic, since_best = model, bic, 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    return best
+
+
 def _gmm(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray:
     """Gaussian mixture, number of components chosen by BIC (scan stops 3 steps past the minimum)."""
     from sklearn.mixture import GaussianMixture
 
     Xf = X[fit_idx]
     kmax = int(min(p.max_components, max(1, len(Xf) // p.min_cluster_size)))
-    best, best_bic, since_best = None, np.inf, 0
-    for k in range(1, kmax + 1):
-        gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, n_init=1, random_state=p.seed)
-        gm.fit(Xf)
-        bic = gm.bic(Xf)
-        logger.debug("gmm k=%d bic=%.1f", k, bic)
-        if bic < best_bic:
-            best, best_bic, since_best = gm, bic, 0
-        else:
-            since_best += 1
-            if since_best >= 3:
-                break
-    return best.predict(X)
+
+    def fit(k):
+        gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, n_init=1, random_state=p.seed).fit(Xf)
+        return gm, gm.bic(Xf)
+
+    return _scan_k_by_bic(fit, kmax, "gmm").predict(X)
 
 
 def _dpgmm(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray:
@@ -139,8 +148,7 @@ def _kmeans(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray:
     Xf = X[fit_idx]
     n, d = Xf.shape
     kmax = int(min(p.max_components, max(1, n // p.min_cluster_size)))
-    best, best_bic, since_best = None, np.inf, 0
-    for k in range(1, kmax + 1):
+    def fit(k):
         km = KMeans(k, n_init=3, random_state=p.seed).fit(Xf)
         logp = np.full((n, k), -np.inf)
         for c in range(k):
@@ -153,15 +161,9 @@ def _kmeans(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray:
         m = logp.max(axis=1, keepdims=True)
         loglik = float(np.sum(m[:, 0] + np.log(np.exp(logp - m).sum(axis=1))))
         n_params = (k - 1) + k * 2 * d
-        bic = -2.0 * loglik + n_params * np.log(n)
-        logger.debug("kmeans k=%d bic=%.1f", k, bic)
-        if bic < best_bic:
-            best, best_bic, since_best = km, bic, 0
-        else:
-            since_best += 1
-            if since_best >= 3:
-                break
-    return best.predict(X)
+        return km, -2.0 * loglik + n_params * np.log(n)
+
+    return _scan_k_by_bic(fit, kmax, "kmeans").predict(X)
 
 
 def _hdbscan(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray:
