@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .cluster import CLUSTERERS, ClusterParams, cluster_by_region
+from .cluster import ClusterParams, cluster_by_region
 from .curation import REJECT_REASONS, CurationParams, EventSet, curate
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,10 @@ def sort(
         sorting, info = result["sorting"], result["info"]
         if out is not None:
             t = time.perf_counter()
-            sorting = sorting.save(folder=out / "sorting")
+            with warnings.catch_warnings():
+                # an in-memory sorting has no provenance to save; the folder is still complete
+                warnings.filterwarnings("ignore", message="The extractor is not serializable")
+                sorting = sorting.save(folder=out / "sorting")
             _save_events(out, result)
             if report:
                 from .report import make_report
