@@ -12,6 +12,8 @@
     cluster             embedding + position, per probe region, in parallel
     curate              split / merge until unimodal and distinct, reject noise clusters
     match               SpikeInterface template matching (circus-omp) recovers missed spikes
+    final merge         SpikeInterface auto_merge_units joins units split in two (similar templates,
+                        close, no refractory violations across the parts)
     save                sorting, rejected events, params + versions, sort.log, report
 
 Sampling rates: events are resampled to the model's canonical rate by the extraction, so a
@@ -60,6 +62,18 @@ class SortParams:
     """Final template-matching pass over the whole recording (recovers overlapping/weak spikes)."""
     matching_method: str = "circus-omp"
     """SpikeInterface matching engine: 'circus-omp', 'wobble', 'tdc-peeler' or 'nearest'."""
+    final_merge: bool = True
+    """After matching, merge units that are one neuron cut in two: SpikeInterface's
+    ``auto_merge_units`` ('x_contaminations' preset: similar templates, close on the probe, and
+    merged spike trains with no more refractory violations than either part), applied with a
+    template-difference threshold that grows step by step, as SpykingCircus2 does."""
+    final_merge_max_distance_um: float = 50.0
+    """Final merge: only units whose locations are at most this far apart."""
+    final_merge_max_template_diff: float = 0.25
+    """Final merge: largest normalised template difference (L1) the growing threshold reaches."""
+    final_merge_censor_ms: float = 3.0
+    """Final merge: in a merged unit, of two spikes closer than this only the first is kept (the
+    same spike found in both parts)."""
     motion_correction: Any = "auto"
     """'auto' (correct when estimated drift exceeds drift_threshold_um), True or False."""
     drift_threshold_um: float = 10.0
@@ -103,7 +117,7 @@ class SortParams:
         if self.matching_method not in MATCHING_METHODS:
             problems.append(f"matching_method must be one of {MATCHING_METHODS}, got {self.matching_method!r}")
         for name in ("position_scale_um", "drift_threshold_um", "template_ms_before", "template_ms_after",
-                     "template_radius_um"):
+                     "template_radius_um", "final_merge_max_distance_um", "final_merge_max_template_diff"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
@@ -324,6 +338,11 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             tick("matching_s")
         else:
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
+        if p.final_merge and len(sorting.unit_ids) > 1:
+            n_before = len(sorting.unit_ids)
+            sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs)
+            info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids))}
+            tick("final_merge_s")
     info["num_units"] = int(len(sorting.unit_ids))
     return {"sorting": sorting, "info": info, "recording": rec, "events": events, "X": X, "labels": labels,
             "reason": reason, "positions": positions, "templates": templates, "region": region}
@@ -597,6 +616,66 @@ def match_templates(rec, templates, method: str, job_kwargs: dict):
               for s in range(rec.get_num_segments())]
     sorting = NumpySorting.from_samples_and_labels(samples, labels, fs, unit_ids=np.asarray(templates.unit_ids))
     return sorting
+
+
+def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict):
+    """Merge units that are one neuron cut in two, with SpikeInterface's ``auto_merge_units``.
+
+    The test of a pair (preset 'x_contaminations'): both units have enough spikes and few
+    refractory violations, lie within ``final_merge_max_distance_um``, have templates whose
+    normalised L1 difference is below the threshold, and their merged train is no more
+    contaminated than the parts (a neuron split by drift or amplitude never fires twice within the
+    refractory period across its parts; two neurons do, by chance). The threshold grows from 0.05
+    to ``final_merge_max_template_diff`` so the surest pairs merge first. Returns the merged
+    sorting (merged units get new ids) and its templates (spike-count weighted averages of the
+    parts' templates, sparse on the union of their channels).
+    """
+    from spikeinterface.curation.auto_merge import auto_merge_units
+    from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
+
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
+    jk["progress_bar"] = False
+    keep = np.isin(templates.unit_ids, sorting.get_non_empty_unit_ids())
+    if keep.sum() < 2:
+        return sorting, templates
+    if templates.sparsity is None:  # dense templates: every channel
+        from spikeinterface.core.sparsity import ChannelSparsity
+
+        dense = np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool)
+        templates = templates.to_sparse(ChannelSparsity(dense, templates.unit_ids, templates.channel_ids))
+    analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates, noise_levels=noise)
+    analyzer.compute("unit_locations", method="center_of_mass")
+    with _numpy_template_similarity(len(templates.unit_ids)):
+        analyzer.compute("template_similarity", method="l1", support="union", max_lag_ms=0.1)
+    thresholds = np.arange(0.05, p.final_merge_max_template_diff + 1e-9, 0.05)
+    steps_params = [{"template_similarity": {"template_diff_thresh": float(t)},
+                     "unit_locations": {"max_distance_um": p.final_merge_max_distance_um}} for t in thresholds]
+    merged = auto_merge_units(analyzer, presets=["x_contaminations"] * len(thresholds), steps_params=steps_params,
+                              recursive=True, censor_ms=p.final_merge_censor_ms, sparsity_overlap=0.5, **jk)
+    logger.info("final merge: %d units -> %d", len(sorting.unit_ids), len(merged.unit_ids))
+    return merged.sorting, merged.get_extension("templates").get_templates(outputs="Templates")
+
+
+@contextmanager
+def _numpy_template_similarity(num_templates: int, max_templates: int = 300):
+    """Use SpikeInterface's numpy template similarity instead of its numba one for few templates.
+
+    The numba kernel is compiled with ``parallel=True`` on every new process: 15-20 s here, for a
+    matrix the numpy loop computes in well under a second when there are tens of templates (the
+    two give the same values). Falls back to the numba kernel when the numpy one is not there.
+    """
+    import spikeinterface.postprocessing.template_similarity as ts
+
+    numpy_kernel = getattr(ts, "_compute_similarity_matrix_numpy", None)
+    if numpy_kernel is None or num_templates > max_templates or not hasattr(ts, "_compute_similarity_matrix"):
+        yield
+        return
+    kernel = ts._compute_similarity_matrix
+    ts._compute_similarity_matrix = numpy_kernel
+    try:
+        yield
+    finally:
+        ts._compute_similarity_matrix = kernel
 
 
 def _sorting_from_labels(events, labels, num_segments, fs):

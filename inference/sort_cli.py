@@ -27,6 +27,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matching-method", default="circus-omp",
                         choices=("circus-omp", "wobble", "tdc-peeler", "nearest"),
                         help="SpikeInterface matching engine (default: circus-omp)")
+    parser.add_argument("--no-final-merge", dest="final_merge", action="store_false",
+                        help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")
     parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
                         help="drift correction: 'auto' when drift is detected (default), 'on' or 'off'")
     parser.add_argument("--position-scale-um", type=float, default=12.0,
@@ -46,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     model = None if (args.features == "pca" and args.model in ("none", "None")) else args.model
     sorting = sort(
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
-        matching=args.matching, matching_method=args.matching_method, motion_correction=motion,
+        matching=args.matching, matching_method=args.matching_method, final_merge=args.final_merge,
+        motion_correction=motion,
         position_scale_um=args.position_scale_um, export_phy=args.export_phy, report=args.report,
         overwrite=args.overwrite, seed=args.seed,
         job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},

@@ -34,7 +34,7 @@ class SpikeVaultSorter(BaseSorter):
     gpu_capability = "not-supported"
     sorter_description = (
         "SpikeVault: pretrained probe-agnostic spike encoder, clustering with position, iterative "
-        "split/merge curation and template matching (circus-omp)."
+        "split/merge curation, template matching (circus-omp) and a final auto-merge."
     )
 
     _default_params = {
@@ -43,6 +43,7 @@ class SpikeVaultSorter(BaseSorter):
         "clusterer": "hdbscan",
         "matching": True,
         "matching_method": "circus-omp",
+        "final_merge": True,
         "motion_correction": "auto",
         "position_scale_um": 12.0,
         "report": True,
@@ -57,6 +58,7 @@ class SpikeVaultSorter(BaseSorter):
         "clusterer": "'hdbscan', 'gmm', 'dpgmm' or 'kmeans' (each chooses its number of units)",
         "matching": "Final template-matching pass over the recording",
         "matching_method": "SpikeInterface matching engine ('circus-omp', 'wobble', 'tdc-peeler', 'nearest')",
+        "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units, x_contaminations)",
         "motion_correction": "'auto' (when drift is detected), True or False",
         "position_scale_um": "Weight of spike position vs embedding in clustering (um per embedding SD)",
         "report": "Write the PNG/HTML report",

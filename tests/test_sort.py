@@ -213,3 +213,30 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     events = extract_events(prep, params=ExtractParams(), recording_id="static", preprocessed=True, job_kwargs=JOB)
     _, max_disp = estimate_drift(prep, events, _channel_index(events, prep), JOB)
     assert max_disp < 10.0  # below SortParams.drift_threshold_um: 'auto' does not correct it
+
+
+def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
+    """A unit cut in two (alternate spikes to two labels) is merged back after matching; the
+    other units, each a different neuron, are left alone."""
+    from spikeinterface.core import NumpySorting, estimate_templates
+    from spikeinterface.core import Templates
+    from spikeinterface.preprocessing import bandpass_filter, common_reference
+
+    from inference.sort import SortParams, _noise_levels, merge_units
+
+    rec, gt = easy
+    prep = common_reference(bandpass_filter(rec, 300, 6000))
+    spikes = gt.to_spike_vector().copy()
+    big = int(np.argmax(gt.count_num_spikes_per_unit(outputs="array")))
+    split_label = len(gt.unit_ids)
+    of_big = np.flatnonzero(spikes["unit_index"] == big)
+    spikes["unit_index"][of_big[1::2]] = split_label  # the same neuron, cut in two
+    unit_ids = np.arange(split_label + 1)
+    sorting = NumpySorting(spikes, rec.get_sampling_frequency(), unit_ids)
+    arr = estimate_templates(prep, spikes, unit_ids, 30, 60, n_jobs=1, progress_bar=False)
+    templates = Templates(arr.astype(np.float32), rec.get_sampling_frequency(), 30, is_in_uV=True,
+                          channel_ids=rec.channel_ids, unit_ids=unit_ids, probe=rec.get_probe())
+    merged, merged_templates = merge_units(prep, sorting, templates, _noise_levels(prep, JOB), SortParams(), JOB)
+    assert len(merged.unit_ids) == len(gt.unit_ids)
+    assert list(merged_templates.unit_ids) == list(merged.unit_ids)
+    assert _accuracy(gt, merged) > 0.95
