@@ -95,8 +95,9 @@ class SortParams:
     max_spikes_per_template: int = 500
     """Spikes averaged per matching template (random subset)."""
     cache_preprocessing: str = "auto"
-    """Keep the preprocessed traces in RAM for the passes after detection (templates, matching):
-    'auto' (when they fit in a quarter of the available memory), 'memory' or 'none'."""
+    """Keep the preprocessed traces in RAM (float16, shared memory) for the passes after
+    detection (motion, templates, matching): 'auto' (when they fit in a quarter of the available
+    memory), 'memory' or 'none'."""
     seed: int = 0
     cluster: ClusterParams = field(default_factory=ClusterParams)
     curation: CurationParams = field(default_factory=CurationParams)
@@ -268,9 +269,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         estimate_motion = check_probe_for_drift_correction(recording)
         if not estimate_motion:
             logger.info("probe geometry does not allow drift correction along depth: motion not estimated")
-    # the copy that motion correction may replace is held in float16 (see _cache)
-    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs,
-                 dtype="float16" if estimate_motion else "float32")
+    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs)
     tick("preprocess_s")
     extract_kw = dict(schema=schema, params=eparams, recording_id=name, preprocessed=True, job_kwargs=job_kwargs)
     events = extract_events(rec, **extract_kw)
@@ -288,9 +287,10 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             from spikeinterface.sortingcomponents.motion import interpolate_motion
 
             logger.info("correcting motion (max displacement %.1f um)", max_disp)
+            # lazy: each later pass interpolates its chunks from the cached traces (cheaper in
+            # memory than a second, corrected copy; the kriging is a small matrix per time bin)
             rec = interpolate_motion(rec, motion, border_mode="force_extrapolate",
                                      spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
-            rec = _cache(rec, p.cache_preprocessing, job_kwargs)
             events = extract_events(rec, **extract_kw)
             _check_enough_events(events, name, eparams)
             channel_index = _channel_index(events, rec)
@@ -520,17 +520,25 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     return motion, max_disp
 
 
-def _cache(rec, mode: str, job_kwargs: dict, dtype: str = "float32"):
-    """The preprocessed recording held in RAM (one filtering pass instead of one per stage).
+def _cache(rec, mode: str, job_kwargs: dict):
+    """The preprocessed recording held in RAM: one filtering pass instead of one per stage.
 
-    ``dtype="float16"`` holds the traces at half the memory (a step of at most 0.25 uV at 500 uV,
-    far below the noise) and reads them back as float32 through a lazy ``astype``: used for the
-    first copy when motion correction may cache a second, interpolated float32 copy while the
-    first is alive, so the peak stays near one float32 copy.
+    The traces are held in float16 in shared memory and read back as float32 through a lazy
+    ``astype``. Float16 halves the memory; its step is at most 0.25 uV at 500 uV, far below the
+    noise. It is used only when the traces' noise is at least ``_FLOAT16_MIN_NOISE`` units:
+    traces in volts would fall into float16's subnormal range, so they stay float32. Shared
+    memory lets SpikeInterface's worker processes read the cache instead of each receiving a
+    pickled copy of it.
     """
     if mode == "none":
         return rec
-    itemsize = 2 if dtype == "float16" else 4
+    from spikeinterface.core import get_noise_levels
+    from spikeinterface.preprocessing import astype
+
+    noise = get_noise_levels(rec, return_in_uV=False, method="mad", random_slices_kwargs=dict(
+        num_chunks_per_segment=4, chunk_size=min(10_000, rec.get_num_samples(0)), seed=0), n_jobs=1, progress_bar=False)
+    dtype = "float16" if float(np.median(noise)) >= _FLOAT16_MIN_NOISE else "float32"
+    itemsize = np.dtype(dtype).itemsize
     if mode == "auto":
         import psutil
 
@@ -538,13 +546,15 @@ def _cache(rec, mode: str, job_kwargs: dict, dtype: str = "float32"):
         if nbytes > 0.25 * psutil.virtual_memory().available:
             logger.info("preprocessed traces (%.1f GB) too large to cache in RAM: kept lazy", nbytes / 1e9)
             return rec
-    from spikeinterface.preprocessing import astype
-
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
-    source = astype(rec, "float16") if dtype == "float16" else rec
-    cached = source.save(format="memory", sharedmem=False, **jk)
+    source = astype(rec, dtype) if dtype != rec.get_dtype() else rec
+    cached = source.save(format="memory", sharedmem=True, **jk)
     cached.set_probe(rec.get_probe(), in_place=True) if not cached.has_probe() and rec.has_probe() else None
-    return astype(cached, "float32") if dtype == "float16" else cached
+    return astype(cached, "float32") if dtype != "float32" else cached
+
+
+#: Traces whose noise is below this (in their own units) are cached in float32, not float16.
+_FLOAT16_MIN_NOISE = 0.05
 
 
 # ------------------------------------------------------------------------------------ templates

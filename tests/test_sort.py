@@ -240,3 +240,22 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
     assert len(merged.unit_ids) == len(gt.unit_ids)
     assert list(merged_templates.unit_ids) == list(merged.unit_ids)
     assert _accuracy(gt, merged) > 0.95
+
+
+def test_preprocessing_cache_is_float16_for_microvolts_and_float32_for_volts(easy):
+    from spikeinterface.preprocessing import bandpass_filter, scale
+
+    from inference.sort import _cache
+
+    rec, _ = easy
+    prep = bandpass_filter(rec, 300, 6000).frame_slice(0, 30_000)
+    exact = prep.get_traces()
+    cached = _cache(prep, "memory", JOB)
+    got = cached.get_traces()
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - exact)) <= 1e-3 * np.max(np.abs(exact))  # float16 storage
+    assert type(cached).__name__ == "AstypeRecording"
+    volts = scale(prep, gain=1e-6, dtype="float32")
+    cached_v = _cache(volts, "memory", JOB)
+    assert np.array_equal(cached_v.get_traces(), volts.get_traces())  # no float16 below its normal range
+    assert _cache(prep, "none", JOB) is prep
