@@ -58,7 +58,7 @@ class SpikeVaultSorter(BaseSorter):
         "clusterer": "'hdbscan', 'gmm', 'dpgmm' or 'kmeans' (each chooses its number of units)",
         "matching": "Final template-matching pass over the recording",
         "matching_method": "SpikeInterface matching engine ('circus-omp', 'wobble', 'tdc-peeler', 'nearest')",
-        "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units, x_contaminations)",
+        "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units: similar templates, close, low cross-contamination)",
         "motion_correction": "'auto' (when drift is detected), True or False",
         "position_scale_um": "Weight of spike position vs embedding in clustering (um per embedding SD)",
         "report": "Write the PNG/HTML report",
