@@ -98,6 +98,9 @@ class SortParams:
     """Keep the preprocessed traces in RAM (float16, shared memory) for the passes after
     detection (motion, templates, matching): 'auto' (when they fit in a quarter of the available
     memory), 'memory' or 'none'."""
+    detect_threshold: float | None = None
+    """Detection threshold in MAD noise units (None: the model's own, from its preprocessing).
+    Only which peaks become events changes; the events' schema and filtering stay the model's."""
     seed: int = 0
     cluster: ClusterParams = field(default_factory=ClusterParams)
     curation: CurationParams = field(default_factory=CurationParams)
@@ -124,6 +127,8 @@ class SortParams:
         for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.detect_threshold is not None and not self.detect_threshold > 0:
+            problems.append(f"detect_threshold must be > 0 or None, got {self.detect_threshold}")
         if self.cache_preprocessing not in ("auto", "memory", "none"):
             problems.append(f"cache_preprocessing must be 'auto', 'memory' or 'none', got {self.cache_preprocessing!r}")
         if problems:
@@ -251,6 +256,10 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     recording = load_recording(recording)
     name = recording_id or _recording_name(recording)
     net, schema, eparams, model_desc = load_contract(model, p.features)
+    if p.detect_threshold is not None:  # detection only: the events' schema and filtering stay the model's
+        from dataclasses import replace
+
+        eparams = replace(eparams, detect_threshold=float(p.detect_threshold))
     info: dict[str, Any] = {"model": model_desc, "schema": schema.to_dict(), "preprocessing": eparams.to_dict()}
     check_recording(recording, schema, eparams, recording_id=name)
     fs = recording.get_sampling_frequency()

@@ -31,6 +31,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")
     parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
                         help="drift correction: 'auto' when drift is detected (default), 'on' or 'off'")
+    parser.add_argument("--detect-threshold", type=float, default=None,
+                        help="detection threshold in MAD noise units (default: the model's own, 5). Lower finds "
+                             "smaller units and more noise clusters")
     parser.add_argument("--position-scale-um", type=float, default=12.0,
                         help="weight of spike position in clustering: um per embedding SD (default: 12)")
     parser.add_argument("--export-phy", action="store_true", help="also write a phy folder in OUT/phy")
@@ -49,9 +52,8 @@ def main(args: argparse.Namespace) -> int:
     sorting = sort(
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
         matching=args.matching, matching_method=args.matching_method, final_merge=args.final_merge,
-        motion_correction=motion,
-        position_scale_um=args.position_scale_um, export_phy=args.export_phy, report=args.report,
-        overwrite=args.overwrite, seed=args.seed,
+        motion_correction=motion, position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
+        export_phy=args.export_phy, report=args.report, overwrite=args.overwrite, seed=args.seed,
         job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},
     )
     info = json.loads((args.out / "params.json").read_text())

@@ -46,13 +46,14 @@ def test_sort_python_pca_writes_the_output_folder(easy, tmp_path):
 
     rec, gt = easy
     out = tmp_path / "out"
-    sorting = sort(rec, model=None, features="pca", out=out, job_kwargs=JOB)
+    sorting = sort(rec, model=None, features="pca", out=out, job_kwargs=JOB, detect_threshold=4.5)
     assert _accuracy(gt, sorting) > 0.8
     for name in ("sorting", "rejected_events.npz", "events.npz", "params.json", "sort.log", "report.html",
                  "report/embedding.png", "report/waveforms.png", "report/isi.png", "report/amplitudes.png"):
         assert (out / name).exists(), name
     params = json.loads((out / "params.json").read_text())
     assert params["params"]["clusterer"] == "hdbscan" and params["versions"]["spikeinterface"]
+    assert params["preprocessing"]["detect_threshold"] == 4.5  # the override is what ran
     assert params["num_units"] == len(sorting.unit_ids)
     rejected = np.load(out / "rejected_events.npz")
     assert len(rejected["sample_index"]) == params["num_rejected_events"]
@@ -131,6 +132,8 @@ def test_bad_parameters_name_the_flag(easy):
         sort(rec, model=None, features="model")
     with pytest.raises(ValueError, match="unknown job_kwargs"):
         sort(rec, model=None, features="pca", job_kwargs={"n_workers": 2})
+    with pytest.raises(ValueError, match="detect_threshold must be > 0"):
+        sort(rec, model=None, features="pca", detect_threshold=0)
 
 
 def test_no_detectable_spikes_is_a_clear_error():
