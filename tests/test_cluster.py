@@ -149,3 +149,24 @@ def test_merge_joins_one_unit_split_in_time_but_not_distinct_units():
     sure, _ = merge_clusters(EventSet(wf, ch, loc, noise), labels,
                              CurationParams(merge_sure_similarity=0.95, merge_sure_amplitude_ratio=0.75))
     assert len(np.unique(sure[labels < 2])) == 1 and len(np.unique(sure)) == 2
+
+
+def test_refractory_check_separates_one_neuron_from_two():
+    """Two parts of one refractory train pass the check; two independent trains do not."""
+    from inference.curation import CurationParams, EventSet, _refractory_ok
+
+    rng = np.random.default_rng(0)
+    # one neuron: 4 ms refractory, ~20 Hz for 60 s; a second, independent one
+    isi = 0.004 + rng.exponential(0.05, 1500)
+    one = np.cumsum(isi)[np.cumsum(isi) < 60.0]
+    other = np.sort(rng.uniform(0, 60.0, len(one)))
+    p = CurationParams()
+
+    def check(ta, tb):
+        t = np.concatenate([ta, tb])
+        ev = EventSet(np.zeros((len(t), 2, 1), np.float32), np.zeros((len(t), 1), int), np.zeros((1, 2)),
+                      np.ones(1), times_s=t)
+        return _refractory_ok(ev, np.arange(len(ta)), np.arange(len(ta), len(t)), p)
+
+    assert check(one[0::2], one[1::2])  # one neuron split in two (by amplitude, or by drift phase)
+    assert not check(one, other)  # two neurons
