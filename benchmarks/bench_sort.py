@@ -9,8 +9,9 @@ Cases (generated ground truth, seeds the embedded model never saw):
 Sorters: ``spikevault`` (the model), ``spikevault-pca`` (same pipeline, PCA features),
 ``pca-kmeans`` (PCA of the same detected events + KMeans with BIC-chosen k, no curation or
 matching: the naive baseline), ``spykingcircus2`` and ``tridesclous2`` (SpikeInterface built-ins,
-default parameters), ``mountainsort5`` when installed (``--sorters ... lupin`` adds Lupin). Each sorter runs in its own subprocess:
-wall time and peak memory (``ru_maxrss``) are the whole process's. Scores are SpikeInterface's
+default parameters), ``mountainsort5`` when installed (``--sorters ... lupin`` adds Lupin;
+``tridesclous2-mc`` and ``lupin-mc`` run them with their motion correction on). Each sorter runs in
+its own subprocess: wall time and peak memory (``ru_maxrss``) are the whole process's. Scores are SpikeInterface's
 ``compare_sorter_to_ground_truth`` (default 0.4 ms window).
 
     PYTHONPATH=. python benchmarks/bench_sort.py --out bench_out            # full (hours on 2 cores)
@@ -29,8 +30,9 @@ import time
 from pathlib import Path
 
 SORTERS = ("spikevault", "spikevault-pca", "pca-kmeans", "spykingcircus2", "tridesclous2", "mountainsort5")
-#: Also accepted by ``--sorters`` (not run by default): Lupin, SpikeInterface's newest built-in.
-EXTRA_SORTERS = ("lupin",)
+#: Also accepted by ``--sorters`` (not run by default): Lupin, SpikeInterface's newest built-in, and
+#: Tridesclous2 / Lupin with their motion correction switched on (``-mc``; off by default in both).
+EXTRA_SORTERS = ("lupin", "tridesclous2-mc", "lupin-mc")
 
 CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=120.0, num_units=15, seed=1001),
@@ -117,8 +119,11 @@ def worker(case_dir: Path, sorter: str, out: Path, model: str, n_jobs: int) -> N
 
         # job_kwargs only for the sorters built on SpikeInterface's components (others take it as
         # an unknown sorter parameter)
-        kw = {"job_kwargs": {"n_jobs": n_jobs}} if sorter in ("spykingcircus2", "tridesclous2", "lupin") else {}
-        sorting = run_sorter(sorter, rec, folder=out / sorter, remove_existing_folder=True, verbose=False, **kw)
+        name = sorter.removesuffix("-mc")
+        kw = {"job_kwargs": {"n_jobs": n_jobs}} if name in ("spykingcircus2", "tridesclous2", "lupin") else {}
+        if sorter.endswith("-mc"):
+            kw["apply_motion_correction"] = True
+        sorting = run_sorter(name, rec, folder=out / sorter, remove_existing_folder=True, verbose=False, **kw)
     wall = time.perf_counter() - t0
     sorting.save(folder=out / "sorting", overwrite=True)
     rss_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
