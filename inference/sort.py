@@ -667,15 +667,17 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict)
         templates = templates.to_sparse(ChannelSparsity(dense, templates.unit_ids, templates.channel_ids))
     analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates, noise_levels=noise)
     analyzer.compute("unit_locations", method="center_of_mass")
-    with _numpy_template_similarity(len(templates.unit_ids)):
-        analyzer.compute("template_similarity", method="l1", support="union", max_lag_ms=0.1)
     thresholds = np.arange(0.05, p.final_merge_max_template_diff + 1e-9, 0.05)
     steps_params = [{"template_similarity": {"template_diff_thresh": float(t)},
                      "unit_locations": {"max_distance_um": p.final_merge_max_distance_um},
                      "remove_contaminated": {"contamination_thresh": _NEVER_EXCLUDE},
                      "cross_contamination": {"p_value": _CROSS_CONTAMINATION_P}} for t in thresholds]
-    merged = auto_merge_units(analyzer, presets=None, steps=[list(_MERGE_STEPS)] * len(thresholds),
-                              steps_params=steps_params, recursive=True, censor_ms=p.final_merge_censor_ms, sparsity_overlap=0.5, **jk)
+    # every merge recomputes the similarity of the merged unit: keep the numpy kernel throughout
+    with _numpy_template_similarity(len(templates.unit_ids)):
+        analyzer.compute("template_similarity", method="l1", support="union", max_lag_ms=0.1)
+        merged = auto_merge_units(analyzer, presets=None, steps=[list(_MERGE_STEPS)] * len(thresholds),
+                                  steps_params=steps_params, recursive=True, censor_ms=p.final_merge_censor_ms,
+                                  sparsity_overlap=0.5, **jk)
     logger.info("final merge: %d units -> %d", len(sorting.unit_ids), len(merged.unit_ids))
     return merged.sorting, merged.get_extension("templates").get_templates(outputs="Templates")
 
