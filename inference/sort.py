@@ -292,7 +292,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
 
     motion_info = {"mode": str(p.motion_correction), "applied": False}
     if estimate_motion:
-        motion, max_disp = estimate_drift(rec, events, channel_index, job_kwargs)
+        motion, max_disp = estimate_drift(rec, events, channel_index, job_kwargs, seed=p.seed)
         motion_info["max_displacement_um"] = None if max_disp is None else round(float(max_disp), 2)
         if motion is not None and (p.motion_correction is True or max_disp > p.drift_threshold_um):
             from spikeinterface.sortingcomponents.motion import interpolate_motion
@@ -486,7 +486,7 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
 
 
 def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dict,
-                   rigid_below_um: float = 800.0, time_smooth_s: float = 1.0):
+                   rigid_below_um: float = 800.0, time_smooth_s: float = 1.0, seed: int = 0):
     """Estimate motion with SpikeInterface from the detected events (``dredge_ap``).
 
     The events' peaks are localised with SpikeInterface's ``grid_convolution`` (the localisation
@@ -518,7 +518,9 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     rigid = span_um < rigid_below_um
     try:
         jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
-        locs = localize_peaks(rec, peaks, method="grid_convolution", job_kwargs=jk)
+        # seeded: grid_convolution's prototype waveform comes from a random subset of the peaks
+        # (unseeded, two runs gave positions up to 7 um apart and different sortings)
+        locs = localize_peaks(rec, peaks, method="grid_convolution", job_kwargs=jk, seed=seed)
         motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                  win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
                                  histogram_time_smooth_s=time_smooth_s, progress_bar=False)
