@@ -386,6 +386,11 @@ def _time_overlap(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: CurationP
     return float(np.minimum(ha, hb).sum())
 
 
+def _coincidences(ta: np.ndarray, tb: np.ndarray, window_s: float) -> int:
+    """Pairs (a, b) of two sorted trains with |a - b| <= window_s."""
+    return int(np.sum(np.searchsorted(tb, ta + window_s, "right") - np.searchsorted(tb, ta - window_s, "left")))
+
+
 def _refractory_ok(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: CurationParams) -> bool:
     """True when two clusters' trains violate each other's refractory period no more than
     ``merge_max_refractory_ratio`` times what two independent trains would (True without times)."""
@@ -394,9 +399,8 @@ def _refractory_ok(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: Curation
     t = events.times_s
     ta, tb = np.sort(t[ia]), np.sort(t[ib])
     r, c = p.refractory_ms / 1000.0, p.censor_ms / 1000.0
-    # pairs (a, b) with c < |ta - tb| <= r, by counting b in [a - r, a + r] minus b in [a - c, a + c]
-    count = lambda w: int(np.sum(np.searchsorted(tb, ta + w, "right") - np.searchsorted(tb, ta - w, "left")))  # noqa: E731
-    violations = count(r) - count(c)
+    # pairs (a, b) with c < |ta - tb| <= r: b within r of some a, minus b within c of it
+    violations = _coincidences(ta, tb, r) - _coincidences(ta, tb, c)
     span = max(float(t.max() - t.min()), 1e-9)
     expected = len(ta) * len(tb) * 2.0 * (r - c) / span
     return violations <= p.merge_max_refractory_ratio * expected
