@@ -165,13 +165,15 @@ class EventSet:
         out[rows, :, col[rows, ks]] = self.waveforms[idx[rows], :, ks]
         return out
 
-    def template(self, idx: np.ndarray, channels: np.ndarray | None = None) -> np.ndarray:
-        """Mean waveform ``[T, M]`` of events ``idx`` on ``channels`` (all by default); channels no
-        event carries are 0."""
+    def template(self, idx: np.ndarray, channels: np.ndarray | None = None, min_coverage: float = 0.0) -> np.ndarray:
+        """Mean waveform ``[T, M]`` of events ``idx`` on ``channels`` (all by default); channels
+        carried by no event, or by fewer than ``min_coverage`` of the events, are 0."""
         channels = np.arange(self.num_channels) if channels is None else np.asarray(channels)
         d = self.dense(idx, channels)
         with np.errstate(invalid="ignore"), _quiet_nanmean():
             t = np.nanmean(d, axis=0)
+        if min_coverage > 0:
+            t[:, np.sum(~np.isnan(d[:, 0, :]), axis=0) < min_coverage * len(idx)] = np.nan
         return np.nan_to_num(t, nan=0.0)
 
 
@@ -225,8 +227,10 @@ def _isocut(x: np.ndarray) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------ templates
-def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 300, seed: int = 0):
-    """Templates of every cluster on all probe channels.
+def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 300, seed: int = 0,
+                      min_coverage: float = 0.0):
+    """Templates of every cluster on all probe channels (0 on channels carried by fewer than
+    ``min_coverage`` of the cluster's events).
 
     Returns
     -------
@@ -243,7 +247,7 @@ def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 
     for i, u in enumerate(units):
         idx = np.flatnonzero(labels == u)
         counts[i] = len(idx)
-        templates[i] = events.template(_sample(idx, max_per_unit, rng))
+        templates[i] = events.template(_sample(idx, max_per_unit, rng), min_coverage=min_coverage)
     return units, templates, counts
 
 
@@ -480,7 +484,11 @@ def reject_noise(
     labels = labels.copy()
     reason = np.zeros(len(labels), dtype=np.int8)
     reason[labels < 0] = 1
-    units, templates, counts = compute_templates(events, labels, seed=p.seed)
+    # the tests read the template on channels most of the cluster's events carry: a channel at the
+    # edge of the events' neighbourhoods is carried only by the events detected nearest to it, and
+    # its mean is a biased estimate (it made a drift benchmark neuron of SNR 36, whose trough
+    # travels 0.3 ms along the probe, look misaligned on a channel 1 in 10 of its events carry)
+    units, templates, counts = compute_templates(events, labels, seed=p.seed, min_coverage=0.5)
     for u, t, c in zip(units, templates, counts):
         idx = np.flatnonzero(labels == u)
         ch = int(np.argmax(np.ptp(t, axis=0)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from inference.cluster import CLUSTERERS, ClusterParams, cluster_by_region, cluster_features, make_regions
-from inference.curation import CurationParams, EventSet, curate, merge_clusters, split_clusters
+from inference.curation import CurationParams, EventSet, curate, merge_clusters, reject_noise, split_clusters
 
 
 def _blobs(k=5, n_per=300, d=6, seed=0):
@@ -109,6 +109,34 @@ def test_curate_merges_a_fragment_and_rejects_noise_clusters():
                             CurationParams(min_cluster_size=20))
     assert np.all(out == -1) and set(np.unique(reason[:15])) <= {1, 2}
 
+
+
+def test_noise_rejection_reads_the_channels_most_events_carry():
+    """A unit whose trough reaches a far channel earlier (a propagating spike) is kept: that channel
+    is carried only by the tenth of its events detected nearest to it, and its mean there, though
+    the largest, does not decide whether the unit is spike-like."""
+    rng = np.random.default_rng(5)
+    n, T, C = 400, 40, 5
+    t = np.arange(T)
+    near = -100 * np.exp(-0.5 * ((t - 12) / 2.0) ** 2)
+    far = -250 * np.exp(-0.5 * ((t - 3) / 2.0) ** 2)  # 9 samples early, carried by 10% of events
+    wf = rng.normal(scale=5, size=(n, T, 4))
+    wf[:, :, 0] += near
+    wf[:, :, 1:3] += near[:, None] * 0.5
+    ev_ch = np.tile(np.array([0, 1, 2, -1]), (n, 1))
+    few = np.arange(n) < n // 10
+    ev_ch[few, 3] = 4
+    wf[few, :, 3] += far
+    loc = np.stack([np.zeros(C), np.arange(C) * 20.0], axis=1)
+    events = EventSet(wf.astype(np.float16), ev_ch, loc, np.full(C, 5.0))
+    out, reason = reject_noise(events, np.zeros(n, dtype=np.int64), 10.0, 12, CurationParams())
+    assert np.all(out == 0) and np.all(reason == 0)
+    # the same far channel carried by most events does make the template misaligned: rejected
+    ev_ch[:, 3] = 4
+    wf[:, :, 3] = rng.normal(scale=5, size=(n, T)) + far
+    events = EventSet(wf.astype(np.float16), ev_ch, loc, np.full(C, 5.0))
+    out, reason = reject_noise(events, np.zeros(n, dtype=np.int64), 10.0, 12, CurationParams())
+    assert np.all(out == -1) and np.all(reason == 4)
 
 def _drifted_unit(seed=0, n=600, delta=0.25):
     """One unit whose waveform has two states (its trough 'delta' sharper in the second), split
