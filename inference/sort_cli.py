@@ -34,6 +34,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detect-threshold", type=float, default=None,
                         help="detection threshold in MAD noise units (default: the model's own, 5). Lower finds "
                              "smaller units and more noise clusters")
+    parser.add_argument("--max-contamination", type=float, default=0.5,
+                        help="units whose ISI-violation ratio (1.5 ms) exceeds this are multi-unit activity: "
+                             "moved out of the sorting to OUT/multi_unit (default: 0.5; 0 keeps every unit)")
     parser.add_argument("--position-scale-um", type=float, default=12.0,
                         help="weight of spike position in clustering: um per embedding SD (default: 12)")
     parser.add_argument("--export-phy", action="store_true", help="also write a phy folder in OUT/phy")
@@ -53,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
         matching=args.matching, matching_method=args.matching_method, final_merge=args.final_merge,
         motion_correction=motion, position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
+        max_contamination=args.max_contamination or None,
         export_phy=args.export_phy, report=args.report, overwrite=args.overwrite, seed=args.seed,
         job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},
     )
@@ -62,6 +66,10 @@ def main(args: argparse.Namespace) -> int:
     if info.get("motion", {}).get("applied"):
         print(f"motion corrected (max displacement {info['motion']['max_displacement_um']} um)")
     print(f"sorting: {args.out / 'sorting'}")
+    removed = info.get("multi_unit", {}).get("removed_units", [])
+    if removed:
+        print(f"multi-unit activity ({len(removed)} units, ISI-violation ratio above "
+              f"{info['multi_unit']['max_contamination']}): {args.out / 'multi_unit'}")
     if args.report:
         print(f"report:  {args.out / 'report.html'}")
     if args.export_phy:

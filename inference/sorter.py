@@ -47,6 +47,7 @@ class SpikeVaultSorter(BaseSorter):
         "motion_correction": "auto",
         "position_scale_um": 12.0,
         "detect_threshold": None,
+        "max_contamination": 0.5,
         "report": True,
         "export_phy": False,
         "seed": 0,
@@ -63,6 +64,8 @@ class SpikeVaultSorter(BaseSorter):
         "motion_correction": "'auto' (when drift is detected), True or False",
         "position_scale_um": "Weight of spike position vs embedding in clustering (um per embedding SD)",
         "detect_threshold": "Detection threshold in MAD noise units (None: the model's own)",
+        "max_contamination": "Units whose ISI-violation ratio (1.5 ms) exceeds this are multi-unit activity and "
+                             "leave the sorting (None keeps every unit)",
         "report": "Write the PNG/HTML report",
         "export_phy": "Also export a phy folder",
         "seed": "Seed of every random choice",

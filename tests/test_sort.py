@@ -245,6 +245,47 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
     assert _accuracy(gt, merged) > 0.95
 
 
+
+def test_multi_unit_activity_leaves_the_sorting(easy, tmp_path):
+    """Noise whose threshold crossings come in bursts (an ISI-violation ratio above 1, as the noise
+    units of the drift benchmark) is moved out; a neuron with a refractory period stays, and so
+    does a small unit whose one violation is a chance coincidence (a large ratio, but too few
+    violations to prove anything)."""
+    from spikeinterface.core import NumpySorting, load
+
+    from inference.sort import SortParams, sort, split_multi_unit
+
+    fs, duration = 30000.0, 60.0
+    rng = np.random.default_rng(0)
+    neuron = np.cumsum(rng.uniform(0.004, 0.1, size=1000))  # refractory: no ISI below 4 ms
+    neuron = neuron[neuron < duration]
+    crossings = rng.uniform(0, duration, size=800)
+    again = crossings[rng.random(800) < 0.4]
+    noise = np.sort(np.concatenate([crossings, again + rng.uniform(0.0003, 0.0014, size=len(again))]))
+    small = np.sort(np.concatenate([rng.uniform(0, duration - 1, size=60)[::2], [10.0, 10.001]]))
+    trains = {0: neuron, 1: noise, 2: np.unique(small)}
+    samples = np.concatenate([np.round(t * fs).astype(np.int64) for t in trains.values()])
+    labels = np.concatenate([np.full(len(t), u) for u, t in trains.items()])
+    order = np.argsort(samples, kind="stable")
+    sorting = NumpySorting.from_samples_and_labels([samples[order]], [labels[order]], fs)
+    kept, multi, ratio = split_multi_unit(sorting, duration, SortParams())
+    assert list(kept.unit_ids) == [0, 2] and list(multi.unit_ids) == [1]
+    assert ratio[0] == 0 and ratio[1] > 1 and ratio[2] > 0.5
+    assert list(split_multi_unit(sorting, duration, SortParams(max_contamination=10.0))[1].unit_ids) == []
+    with pytest.raises(ValueError, match="max_contamination must be > 0"):
+        SortParams(max_contamination=0)
+    # end to end: the decision and every unit's ratio are in params.json, removed units are saved.
+    # A 50 ms "refractory period" makes every busy neuron look like multi-unit activity.
+    rec, gt = easy
+    out = tmp_path / "out"
+    sorting = sort(rec, model=None, features="pca", out=out, job_kwargs=JOB, report=False, refractory_ms=50.0,
+                   max_contamination=0.1)
+    info = json.loads((out / "params.json").read_text())["multi_unit"]
+    removed = info["removed_units"]
+    assert removed and not set(removed) & {str(u) for u in sorting.unit_ids}
+    assert set(info["isi_violations_ratio"]) == set(removed) | {str(u) for u in sorting.unit_ids}
+    assert sorted(map(str, load(out / "multi_unit").unit_ids)) == sorted(removed)
+
 def test_preprocessing_cache_is_float16_for_microvolts_and_float32_for_volts(easy):
     from spikeinterface.preprocessing import bandpass_filter, scale
 
