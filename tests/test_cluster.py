@@ -35,6 +35,25 @@ def test_clusterers_find_the_number_of_clusters(method):
         assert n_found == 5
 
 
+
+def test_hdbscan_events_left_as_noise_are_kept_or_reclustered():
+    """Leaf HDBSCAN keeps only the dense cores of two big Gaussian clusters and calls half of
+    their events noise: 'keep' leaves them unassigned, 'recluster' clusters them once more (and
+    no cluster spans the two blobs)."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(scale=0.5, size=(3000, 4)), rng.normal(scale=0.5, size=(3000, 4)) + [8, 0, 0, 0]])
+    blob = np.repeat([0, 1], 3000)
+    kept = cluster_features(X, ClusterParams(hdbscan_noise="keep"))
+    assert (kept < 0).mean() > 0.3
+    again = cluster_features(X, ClusterParams(hdbscan_noise="recluster"))
+    assert np.all(again[kept >= 0] == kept[kept >= 0])
+    assert (again < 0).sum() < (kept < 0).sum()
+    for u in np.unique(again[again >= 0]):
+        assert len(np.unique(blob[again == u])) == 1
+    with pytest.raises(ValueError, match="hdbscan_noise must be"):
+        ClusterParams(hdbscan_noise="assign")
+
+
 def test_cluster_params_validation_names_the_flag():
     with pytest.raises(ValueError, match="clusterer must be one of"):
         ClusterParams(method="dbscan")
