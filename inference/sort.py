@@ -69,10 +69,17 @@ class SortParams:
     SpykingCircus2 does (see :func:`merge_units`)."""
     final_merge_max_distance_um: float = 50.0
     """Final merge: only units whose locations are at most this far apart."""
-    final_merge_max_template_diff: float = 0.2
-    """Final merge: largest normalised template difference (L1) the growing threshold reaches.
-    Split parts of one unit differed by 0.03-0.2 in the benchmarks; two neurons were merged at
-    0.22 (a noisy 32-channel recording) and 0.29 (static32)."""
+    final_merge_max_template_diff: float = 0.1
+    """Final merge: largest normalised template difference (L1) the growing threshold reaches on
+    a recording without motion correction. Parts of one unit then have nearly the same
+    template; two neurons of a 6-unit tetrode (all at one place, so location does not keep them
+    apart, and matched spikes of similar templates never coincide, so neither does the
+    cross-contamination test) were merged at 0.15 (0.820 -> 0.582). static32 and a noisy
+    25 kHz probe give the same sorting at 0.1 and 0.2."""
+    final_merge_max_template_diff_motion: float = 0.2
+    """The same after motion correction: the interpolated waveform changes with the drift phase,
+    and split parts of one unit differed by up to 0.2 in the drift benchmark (two neurons were
+    merged at 0.29 on static32, 0.22 on a noisy 32-channel probe)."""
     final_merge_censor_ms: float = 3.0
     """Final merge: in a merged unit, of two spikes closer than this only the first is kept (the
     same spike found in both parts)."""
@@ -138,7 +145,8 @@ class SortParams:
         if self.matching_method not in MATCHING_METHODS:
             problems.append(f"matching_method must be one of {MATCHING_METHODS}, got {self.matching_method!r}")
         for name in ("position_scale_um", "drift_threshold_um", "template_ms_before", "template_ms_after",
-                     "template_radius_um", "final_merge_max_distance_um", "final_merge_max_template_diff"):
+                     "template_radius_um", "final_merge_max_distance_um", "final_merge_max_template_diff",
+                     "final_merge_max_template_diff_motion"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
@@ -375,8 +383,11 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
         if p.final_merge and len(sorting.unit_ids) > 1:
             n_before = len(sorting.unit_ids)
-            sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs)
-            info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids))}
+            max_diff = (p.final_merge_max_template_diff_motion if motion_info["applied"]
+                        else p.final_merge_max_template_diff)
+            sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs, max_template_diff=max_diff)
+            info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids)),
+                                   "max_template_diff": max_diff}
             tick("final_merge_s")
     multi_unit = None
     if p.max_contamination is not None and len(sorting.unit_ids):
@@ -674,7 +685,8 @@ def match_templates(rec, templates, method: str, job_kwargs: dict):
     return sorting
 
 
-def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict):
+def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
+                max_template_diff: float | None = None):
     """Merge units that are one neuron cut in two, with SpikeInterface's ``auto_merge_units``.
 
     The test of a pair (the steps of SpikeInterface's 'x_contaminations' preset, see
@@ -682,7 +694,8 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict)
     ``final_merge_max_distance_um``, have templates whose normalised L1 difference is below the
     threshold, and their trains do not violate each other's refractory period (a neuron split by
     drift or amplitude never fires twice within it across its parts; two neurons do, by chance).
-    The threshold grows from 0.05 to ``final_merge_max_template_diff`` so the surest pairs
+    The threshold grows from 0.05 to ``max_template_diff`` (default: ``p.final_merge_max_template_diff``;
+    the sort passes ``p.final_merge_max_template_diff_motion`` after motion correction) so the surest pairs
     merge first. Returns the merged sorting (merged units get new ids) and its templates
     (spike-count weighted averages of the parts' templates, sparse on the union of their
     channels).
@@ -702,7 +715,8 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict)
         templates = templates.to_sparse(ChannelSparsity(dense, templates.unit_ids, templates.channel_ids))
     analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates, noise_levels=noise)
     analyzer.compute("unit_locations", method="center_of_mass")
-    thresholds = np.arange(0.05, p.final_merge_max_template_diff + 1e-9, 0.05)
+    max_template_diff = p.final_merge_max_template_diff if max_template_diff is None else max_template_diff
+    thresholds = np.arange(0.05, max(max_template_diff, 0.05) + 1e-9, 0.05)
     steps_params = [{"template_similarity": {"template_diff_thresh": float(t)},
                      "unit_locations": {"max_distance_um": p.final_merge_max_distance_um},
                      "remove_contaminated": {"contamination_thresh": _NEVER_EXCLUDE},

@@ -223,6 +223,7 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
     other units, each a different neuron, are left alone."""
     from spikeinterface.core import NumpySorting, estimate_templates
     from spikeinterface.core import Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
     from spikeinterface.preprocessing import bandpass_filter, common_reference
 
     from inference.sort import SortParams, _noise_levels, merge_units
@@ -237,9 +238,15 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
     unit_ids = np.arange(split_label + 1)
     sorting = NumpySorting(spikes, rec.get_sampling_frequency(), unit_ids)
     arr = estimate_templates(prep, spikes, unit_ids, 30, 60, n_jobs=1, progress_bar=False)
+    noise = _noise_levels(prep, JOB)
+    # sparse as the sort's own templates: channels within 100 um of the peak where ptp >= noise
+    loc = rec.get_channel_locations()
+    peak = loc[np.argmax(np.ptp(arr, axis=1), axis=1)]
+    mask = (np.linalg.norm(peak[:, None] - loc[None], axis=2) <= 100) & (np.ptp(arr, axis=1) >= noise)
     templates = Templates(arr.astype(np.float32), rec.get_sampling_frequency(), 30, is_in_uV=True,
                           channel_ids=rec.channel_ids, unit_ids=unit_ids, probe=rec.get_probe())
-    merged, merged_templates = merge_units(prep, sorting, templates, _noise_levels(prep, JOB), SortParams(), JOB)
+    templates = templates.to_sparse(ChannelSparsity(mask, unit_ids, rec.channel_ids))
+    merged, merged_templates = merge_units(prep, sorting, templates, noise, SortParams(), JOB)
     assert len(merged.unit_ids) == len(gt.unit_ids)
     assert list(merged_templates.unit_ids) == list(merged.unit_ids)
     assert _accuracy(gt, merged) > 0.95
