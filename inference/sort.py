@@ -69,17 +69,17 @@ class SortParams:
     SpykingCircus2 does (see :func:`merge_units`)."""
     final_merge_max_distance_um: float = 50.0
     """Final merge: only units whose locations are at most this far apart."""
-    final_merge_max_template_diff: float = 0.1
-    """Final merge: largest normalised template difference (L1) the growing threshold reaches on
-    a recording without motion correction. Parts of one unit then have nearly the same
-    template; two neurons of a 6-unit tetrode (all at one place, so location does not keep them
-    apart, and matched spikes of similar templates never coincide, so neither does the
-    cross-contamination test) were merged at 0.15 (0.820 -> 0.582). static32 and a noisy
-    25 kHz probe give the same sorting at 0.1 and 0.2."""
-    final_merge_max_template_diff_motion: float = 0.2
-    """The same after motion correction: the interpolated waveform changes with the drift phase,
-    and split parts of one unit differed by up to 0.2 in the drift benchmark (two neurons were
-    merged at 0.29 on static32, 0.22 on a noisy 32-channel probe)."""
+    final_merge_max_template_diff: float = 0.2
+    """Final merge: largest normalised template difference (L1) the growing threshold reaches.
+    Split parts of one unit differed by 0.03-0.2 in the benchmarks (drift64, and a static
+    64-channel probe: 0.808 at 0.1, 0.860 at 0.2); two neurons were merged at 0.22 (a noisy
+    32-channel recording) and 0.29 (static32)."""
+    final_merge_max_template_diff_compact: float = 0.1
+    """The same on a compact probe (a tetrode, a single wire: every channel within
+    ``final_merge_max_distance_um`` of every other). There every unit sits at one place, so
+    location does not keep two neurons apart, and matched spikes of similar templates never
+    coincide, so the cross-contamination test does not either: on a 6-unit tetrode the merge
+    joined two, then three, distinct neurons at 0.15-0.2 (0.820 -> 0.582 -> 0.360)."""
     final_merge_censor_ms: float = 3.0
     """Final merge: in a merged unit, of two spikes closer than this only the first is kept (the
     same spike found in both parts)."""
@@ -146,7 +146,7 @@ class SortParams:
             problems.append(f"matching_method must be one of {MATCHING_METHODS}, got {self.matching_method!r}")
         for name in ("position_scale_um", "drift_threshold_um", "template_ms_before", "template_ms_after",
                      "template_radius_um", "final_merge_max_distance_um", "final_merge_max_template_diff",
-                     "final_merge_max_template_diff_motion"):
+                     "final_merge_max_template_diff_compact"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
@@ -383,7 +383,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
         if p.final_merge and len(sorting.unit_ids) > 1:
             n_before = len(sorting.unit_ids)
-            max_diff = (p.final_merge_max_template_diff_motion if motion_info["applied"]
+            max_diff = (p.final_merge_max_template_diff_compact if _is_compact(rec, p.final_merge_max_distance_um)
                         else p.final_merge_max_template_diff)
             sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs, max_template_diff=max_diff)
             info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids)),
@@ -695,7 +695,7 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
     threshold, and their trains do not violate each other's refractory period (a neuron split by
     drift or amplitude never fires twice within it across its parts; two neurons do, by chance).
     The threshold grows from 0.05 to ``max_template_diff`` (default: ``p.final_merge_max_template_diff``;
-    the sort passes ``p.final_merge_max_template_diff_motion`` after motion correction) so the surest pairs
+    the sort passes ``p.final_merge_max_template_diff_compact`` on a compact probe) so the surest pairs
     merge first. Returns the merged sorting (merged units get new ids) and its templates
     (spike-count weighted averages of the parts' templates, sparse on the union of their
     channels).
@@ -729,6 +729,12 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
                                   sparsity_overlap=0.5, **jk)
     logger.info("final merge: %d units -> %d", len(sorting.unit_ids), len(merged.unit_ids))
     return merged.sorting, merged.get_extension("templates").get_templates(outputs="Templates")
+
+
+def _is_compact(rec, radius_um: float) -> bool:
+    """Every channel within ``radius_um`` of every other (a tetrode, a single wire)."""
+    loc = rec.get_channel_locations()
+    return bool(np.max(np.linalg.norm(loc[:, None] - loc[None], axis=2)) <= radius_um)
 
 
 def split_multi_unit(sorting, duration_s: float, p: SortParams):

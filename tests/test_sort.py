@@ -253,6 +253,23 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
 
 
 
+
+def test_final_merge_is_stricter_on_a_compact_probe(easy, tmp_path):
+    """On a tetrode every unit sits at one place: the final merge's threshold is the compact one,
+    recorded in params.json; a 32-channel probe keeps the wider one."""
+    from spikevault.synth import generate_recording
+
+    from inference.sort import SortParams, _is_compact, sort
+
+    tetrode, gt = generate_recording(probe="tetrode", duration_s=20.0, num_units=3, seed=11)
+    assert _is_compact(tetrode, 50.0) and not _is_compact(easy[0], 50.0)
+    out = tmp_path / "tet"
+    sorting = sort(tetrode, model=None, features="pca", out=out, job_kwargs=JOB, report=False)
+    info = json.loads((out / "params.json").read_text())
+    assert len(sorting.unit_ids) > 1
+    assert info["final_merge"]["max_template_diff"] == SortParams().final_merge_max_template_diff_compact
+    assert _accuracy(gt, sorting) > 0.5
+
 def test_multi_unit_activity_leaves_the_sorting(easy, tmp_path):
     """Noise whose threshold crossings come in bursts (an ISI-violation ratio above 1, as the noise
     units of the drift benchmark) is moved out; a neuron with a refractory period stays, and so
