@@ -377,7 +377,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
         tick("templates_s")
         if p.matching:
-            sorting = match_templates(rec, templates, p.matching_method, job_kwargs)
+            sorting = match_templates(rec, templates, p.matching_method, job_kwargs, noise_levels=noise)
             tick("matching_s")
         else:
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
@@ -665,14 +665,22 @@ def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job
     return dense.to_sparse(ChannelSparsity(mask, units, rec.channel_ids))
 
 
-def match_templates(rec, templates, method: str, job_kwargs: dict):
-    """Run SpikeInterface template matching over the whole recording -> NumpySorting."""
+def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None):
+    """Run SpikeInterface template matching over the whole recording -> NumpySorting.
+
+    ``noise_levels`` (per channel, the traces' units) go to the engines that need them
+    ('tdc-peeler', 'nearest'); they are measured here when not given.
+    """
     from spikeinterface.core import NumpySorting
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+    from spikeinterface.sortingcomponents.matching.method_list import matching_methods
 
     jk = dict(job_kwargs)
     jk.setdefault("chunk_duration", "250ms" if method == "circus-omp" else "1s")
-    spikes = find_spikes_from_templates(rec, templates, method=method, method_kwargs={}, job_kwargs=jk)
+    method_kwargs = {}
+    if getattr(matching_methods[method], "need_noise_levels", False):
+        method_kwargs["noise_levels"] = _noise_levels(rec, job_kwargs) if noise_levels is None else noise_levels
+    spikes = find_spikes_from_templates(rec, templates, method=method, method_kwargs=method_kwargs, job_kwargs=jk)
     spikes = spikes[spikes["cluster_index"] >= 0]
     order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
     spikes = spikes[order]

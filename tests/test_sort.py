@@ -119,6 +119,17 @@ def test_each_clusterer_sorts(small_recording, clusterer):
     assert _accuracy(gt, sorting) > 0.6
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["wobble", "tdc-peeler", "nearest"])
+def test_each_matching_engine_sorts(easy, method):
+    """Every engine --matching-method offers runs (those needing noise levels get ours)."""
+    from inference.sort import sort
+
+    rec, gt = easy
+    sorting = sort(rec, model=None, features="pca", matching_method=method, job_kwargs=JOB, report=False)
+    assert _accuracy(gt, sorting) > 0.6
+
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_parameters_name_the_flag(easy):
     from inference.sort import sort
