@@ -41,7 +41,8 @@ class ClusterParams:
     its density is relative, and beside a dense neuron a sparser one, small or smeared by drift,
     reads as noise). 'recluster' measured: drift64 0.820 -> 0.817 (1 -> 3 false positives) and
     0.821 -> 0.816 at seed 1; static32 and a noisy 25 kHz probe unchanged; four 6-unit
-    tetrodes 0.657 -> 0.764, 0.944 -> 0.936, 0.648 -> 0.640, 0.360 -> 0.583."""
+    tetrodes 0.657 -> 0.764, 0.944 -> 0.936, 0.648 -> 0.640, 0.360 -> 0.583 (with the final merge's
+    0.2 threshold on tetrodes, since lowered)."""
     max_fit_events: int = 15_000
     """Fit on at most this many events per region (random subset); the rest are assigned by the
     fitted model (nearest neighbours of the fit set for HDBSCAN)."""
