@@ -741,8 +741,9 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
 
 def _is_compact(rec, radius_um: float) -> bool:
     """Every channel within ``radius_um`` of every other (a tetrode, a single wire)."""
-    loc = rec.get_channel_locations()
-    return bool(np.max(np.linalg.norm(loc[:, None] - loc[None], axis=2)) <= radius_um)
+    from spikeinterface.core import get_channel_distances
+
+    return bool(np.max(get_channel_distances(rec)) <= radius_um)
 
 
 def split_multi_unit(sorting, duration_s: float, p: SortParams):
