@@ -18,6 +18,7 @@ recording.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -489,17 +490,32 @@ class SynthSpec:
     firing_rate_range_hz: tuple
     seed: int
     templates: str | None = None
+    drift_um: float = 0.0  # zigzag rigid drift amplitude (synthetic recordings on DRIFT_PROBES only)
+
+
+#: Probes long enough for drift along depth to move units from channel to channel.
+DRIFT_PROBES = ("linear32", "dense64", "neuropixels")
+#: Drift amplitudes (um, zigzag +-) drawn for the drifting recordings of a source set.
+DRIFT_RANGE_UM = (10.0, 30.0)
 
 
 def plan_source_set(num_recordings: int, seed: int = 0, probes=("single", "tetrode", "linear32", "dense64"),
-                    hybrid: bool = True, hybrid_fraction: float = 0.5, hybrid_available: bool = True) -> list[SynthSpec]:
-    """Draw the specs of a varied source set (deterministic per seed; probes cycle in order)."""
+                    hybrid: bool = True, hybrid_fraction: float = 0.5, hybrid_available: bool = True,
+                    drift_fraction: float = 0.0) -> list[SynthSpec]:
+    """Draw the specs of a varied source set (deterministic per seed; probes cycle in order).
+
+    ``drift_fraction``: the chance that a synthetic recording on a probe of ``DRIFT_PROBES`` drifts
+    (zigzag, amplitude drawn from ``DRIFT_RANGE_UM``). Drawn after everything else, so the other
+    fields of a spec do not depend on it.
+    """
     probes = list(probes)
     unknown = [p for p in probes if p not in PROBE_NAMES]
     if unknown or not probes:
         raise ValueError(f"--probes: unknown probe(s) {unknown}; choose from {', '.join(PROBE_NAMES)}")
     if not 0.0 <= hybrid_fraction <= 1.0:
         raise ValueError(f"--hybrid-fraction must be within [0, 1] (got {hybrid_fraction})")
+    if not 0.0 <= drift_fraction <= 1.0:
+        raise ValueError(f"--drift-fraction must be within [0, 1] (got {drift_fraction})")
     specs = []
     for i in range(int(num_recordings)):
         rng = np.random.default_rng([int(seed), i])
@@ -519,6 +535,9 @@ def plan_source_set(num_recordings: int, seed: int = 0, probes=("single", "tetro
             seed=int(rng.integers(0, 2**31 - 1)),
             templates=("kilosort-emouse" if rng.random() < 0.5 else "kampff-dense") if is_hybrid else None,
         )
+        if drift_fraction > 0 and not is_hybrid and probe in DRIFT_PROBES and rng.random() < drift_fraction:
+            spec = dataclasses.replace(spec, recording_id=spec.recording_id + "-drift",
+                                       drift_um=round(float(rng.uniform(*DRIFT_RANGE_UM)), 1))
         specs.append(spec)
     return specs
 
@@ -544,6 +563,7 @@ def generate_source_set(
     hybrid_fraction: float = 0.5,
     shared_data: str | Path | None = None,
     progress: bool = False,
+    drift_fraction: float = 0.0,
 ):
     """Generate recordings + ground-truth sortings and write ``out_dir/sources.yaml``.
 
@@ -552,7 +572,8 @@ def generate_source_set(
     folders under ``sortings/<id>``. Each recording is written to a temporary name and renamed,
     so a rerun skips finished ones and completes the rest with identical content.
     Hybrid recordings need the shared real templates; without them every recording is synthetic
-    (a warning says so).
+    (a warning says so). ``drift_fraction`` makes that share of the synthetic recordings on long
+    probes drift (see :func:`plan_source_set`).
 
     Returns
     -------
@@ -571,7 +592,7 @@ def generate_source_set(
     if hybrid and not available:
         logger.warning("real templates not found (../shared/data or $SPIKEVAULT_SHARED_DATA): "
                        "generating synthetic recordings only")
-    specs = plan_source_set(num_recordings, seed, probes, hybrid, hybrid_fraction, bool(available))
+    specs = plan_source_set(num_recordings, seed, probes, hybrid, hybrid_fraction, bool(available), drift_fraction)
     (out_dir / "recordings").mkdir(parents=True, exist_ok=True)
     (out_dir / "sortings").mkdir(parents=True, exist_ok=True)
     sources = []
@@ -593,7 +614,7 @@ def generate_source_set(
             if spec.kind == "hybrid":
                 rec, gt = generate_hybrid_recording(**common, templates=templates, shared_data=shared)
             else:
-                rec, gt = generate_recording(**common)
+                rec, gt = generate_recording(**common, drift_amplitude_um=spec.drift_um)
             stored = scale(rec, gain=1.0 / STORAGE_GAIN_UV, offset=0.0, dtype="int16")
             stored.set_channel_gains(STORAGE_GAIN_UV)
             stored.set_channel_offsets(0.0)

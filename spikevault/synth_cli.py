@@ -27,6 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hybrid-fraction", type=float, default=0.5,
                         help="share of recordings that are hybrid when --hybrid (default: 0.5)")
+    parser.add_argument("--drift-fraction", type=float, default=0.0,
+                        help="share of the synthetic recordings on linear32, dense64 and neuropixels probes that "
+                        "drift (zigzag along depth, 10-30 um; default: 0)")
     parser.add_argument("--shared-data", default=None, help="folder of real templates (default: auto-detected)")
 
 
@@ -40,12 +43,14 @@ def main(args: argparse.Namespace) -> int:
         problems.append(f"--duration-s must be > 0 (got {args.duration_s})")
     if not 0.0 <= args.hybrid_fraction <= 1.0:
         problems.append(f"--hybrid-fraction must be within [0, 1] (got {args.hybrid_fraction})")
+    if not 0.0 <= args.drift_fraction <= 1.0:
+        problems.append(f"--drift-fraction must be within [0, 1] (got {args.drift_fraction})")
     if problems:
         raise ValueError("; ".join(problems))
     sources = generate_source_set(
         args.out, num_recordings=args.num_recordings, duration_s=args.duration_s, seed=args.seed,
         probes=tuple(args.probes), hybrid=args.hybrid, hybrid_fraction=args.hybrid_fraction,
-        shared_data=args.shared_data, progress=True,
+        shared_data=args.shared_data, progress=True, drift_fraction=args.drift_fraction,
     )
     print(f"{'recording_id':<28} {'probe':<12} {'lab':<28} licence")
     for s in sources:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -57,6 +58,36 @@ def test_plan_is_varied_and_deterministic():
     assert all(s.kind == "synthetic" for s in plan_source_set(4, hybrid_available=False))
     with pytest.raises(ValueError, match="--probes"):
         plan_source_set(2, probes=("utah",))
+
+
+def test_plan_drift_fraction_only_adds_drift():
+    probes = ("tetrode", "linear32", "dense64")
+    still = plan_source_set(24, seed=5, probes=probes)
+    moving = plan_source_set(24, seed=5, probes=probes, drift_fraction=1.0)
+    assert all(s.drift_um == 0.0 for s in still)
+    for a, b in zip(still, moving):
+        drifts = b.kind == "synthetic" and b.probe in ("linear32", "dense64")
+        assert (b.drift_um > 0) == drifts and b.recording_id.endswith("-drift") == drifts
+        assert b.drift_um == 0.0 or 10.0 <= b.drift_um <= 30.0
+        # every other field is drawn as without drift
+        assert a == dataclasses.replace(b, drift_um=0.0, recording_id=a.recording_id)
+    with pytest.raises(ValueError, match="--drift-fraction"):
+        plan_source_set(2, drift_fraction=1.5)
+
+
+def test_synth_cli_drifting_recording(tmp_path, capsys):
+    from spikevault.cli import main
+
+    out = tmp_path / "set"
+    argv = ["synth", "--out", str(out), "--num-recordings", "2", "--duration-s", "3", "--seed", "1",
+            "--probes", "linear32", "--no-hybrid", "--drift-fraction", "1"]
+    assert main(argv) == 0
+    sources = load_sources(out / "sources.yaml")
+    assert [s.recording_id for s in sources] == ["synth-0000-linear32-drift", "synth-0001-linear32-drift"]
+    rec, gt = sources[0].load_recording(), sources[0].load_sorting()
+    assert rec.get_num_channels() == 32 and gt.get_num_units() >= 1
+    assert main(argv[:-1] + ["-0.1"]) != 0
+    assert "--drift-fraction must be within [0, 1]" in capsys.readouterr().err
 
 
 def _tree_digest(folder):
