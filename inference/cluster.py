@@ -189,7 +189,15 @@ def _hdbscan(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray
             min_cluster_size=min_size, min_samples=min(10, min_size), cluster_selection_method="leaf",
             allow_single_cluster=True, core_dist_n_jobs=1,
         )
-        return clusterer.fit_predict(Z).astype(np.int64)
+        labels = clusterer.fit_predict(Z).astype(np.int64)
+        if (labels < 0).all() and len(Z) >= min_size and _single_root(clusterer):
+            # The condensed tree is one cluster (its root) that never splits. Leaf selection then
+            # returns no cluster at all, allow_single_cluster notwithstanding
+            # (scikit-learn-contrib/hdbscan#476), which would throw away a region holding one
+            # unit. The root is the cluster: curation splits it if it is several units and
+            # rejects it if it is noise.
+            labels[:] = 0
+        return labels
 
     fit_labels = fit(Xf)
     noise = fit_labels < 0
@@ -210,6 +218,12 @@ def _hdbscan(X: np.ndarray, fit_idx: np.ndarray, p: ClusterParams) -> np.ndarray
         knn = KNeighborsClassifier(n_neighbors=5).fit(Xf, fit_labels)
         labels[rest] = knn.predict(X[rest])
     return labels
+
+
+def _single_root(clusterer) -> bool:
+    """The fitted HDBSCAN condensed tree has no cluster below its root."""
+    tree = clusterer.condensed_tree_.to_numpy()
+    return not np.any(tree["child_size"] > 1)
 
 
 _METHODS = {"gmm": _gmm, "dpgmm": _dpgmm, "kmeans": _kmeans, "hdbscan": _hdbscan}

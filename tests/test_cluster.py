@@ -54,6 +54,22 @@ def test_hdbscan_events_left_as_noise_are_kept_or_reclustered():
         ClusterParams(hdbscan_noise="assign")
 
 
+def test_hdbscan_keeps_a_lone_unit():
+    """A region holding one unit is one cluster, not noise. HDBSCAN's leaf selection returns no
+    cluster at all when its tree never splits, allow_single_cluster notwithstanding
+    (scikit-learn-contrib/hdbscan#476); the static benchmark lost a 28 uV neuron that way."""
+    rng = np.random.default_rng(0)
+    lone = rng.normal(size=(300, 12))
+    assert np.all(cluster_features(lone, ClusterParams(method="hdbscan")) == 0)
+    # beside a region of two units, by region
+    X = np.concatenate([lone, rng.normal(size=(300, 12)) + 20.0, rng.normal(size=(300, 12)) - 20.0])
+    depth = np.repeat([100.0, 600.0, 600.0], 300)
+    labels, _ = cluster_by_region(X, depth, ClusterParams(method="hdbscan", region_um=200.0, min_region_events=100))
+    assert len(np.unique(labels[:300])) == 1 and labels[0] >= 0
+    found = labels[300:]
+    assert (found >= 0).mean() > 0.8 and len(np.unique(found[found >= 0])) >= 2
+
+
 def test_cluster_params_validation_names_the_flag():
     with pytest.raises(ValueError, match="clusterer must be one of"):
         ClusterParams(method="dbscan")
