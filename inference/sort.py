@@ -377,7 +377,8 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
         tick("templates_s")
         if p.matching:
-            sorting = match_templates(rec, templates, p.matching_method, job_kwargs, noise_levels=noise)
+            sorting = match_templates(rec, templates, p.matching_method, job_kwargs, noise_levels=noise,
+                                      refractory_ms=p.refractory_ms)
             tick("matching_s")
         else:
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
@@ -665,11 +666,14 @@ def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job
     return dense.to_sparse(ChannelSparsity(mask, units, rec.channel_ids))
 
 
-def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None):
+def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None,
+                    refractory_ms: float = 1.5):
     """Run SpikeInterface template matching over the whole recording -> NumpySorting.
 
     ``noise_levels`` (per channel, the traces' units) go to the engines that need them
-    ('tdc-peeler', 'nearest'); they are measured here when not given.
+    ('tdc-peeler', 'nearest'); they are measured here when not given. After circus-omp, spikes
+    of same-shape templates go to the unit whose amplitude fits them (:func:`reassign_by_amplitude`,
+    never within ``refractory_ms`` of that unit's own spikes).
     """
     from spikeinterface.core import NumpySorting
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
@@ -685,12 +689,73 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
     spikes = spikes[order]
     logger.info("template matching (%s): %d spikes for %d templates", method, len(spikes), len(templates.unit_ids))
+    if method == "circus-omp" and len(spikes):
+        moved = reassign_by_amplitude(spikes, templates.get_dense_templates(),
+                                      refractory_samples=int(round(refractory_ms * rec.get_sampling_frequency() / 1000)))
+        if moved:
+            logger.info("template matching: %d spikes moved to a unit of the same shape whose amplitude fits them "
+                        "better", moved)
     fs = rec.get_sampling_frequency()
     samples = [spikes["sample_index"][spikes["segment_index"] == s] for s in range(rec.get_num_segments())]
     labels = [np.asarray(templates.unit_ids)[spikes["cluster_index"][spikes["segment_index"] == s]]
               for s in range(rec.get_num_segments())]
     sorting = NumpySorting.from_samples_and_labels(samples, labels, fs, unit_ids=np.asarray(templates.unit_ids))
     return sorting
+
+
+#: Templates at least this similar (cosine, all channels) are one shape at two amplitudes to
+#: circus-omp, which picks a template by the cosine with the traces and only then fits its amplitude.
+SAME_SHAPE_COSINE = 0.9
+
+
+def reassign_by_amplitude(spikes: np.ndarray, templates: np.ndarray, min_cosine: float = SAME_SHAPE_COSINE,
+                          refractory_samples: int = 0) -> int:
+    """Give each matched spike to the unit, among those whose templates have its template's shape,
+    whose template is nearest to the spike as fitted (in place). Returns how many spikes moved.
+
+    circus-omp chooses a template by its cosine with the traces and then fits an amplitude
+    (within [0.6, inf] by default). Two neurons with one shape and different amplitudes (on a
+    single wire, or side by side on a tetrode) are then one template to it: the smaller neuron's
+    spikes go to the larger one at amplitude ~0.7, although clustering had separated them. The
+    fitted spike ``a * t_k`` is compared with every same-shape template ``t_j`` unscaled:
+    ``|a t_k - t_j|^2 = a^2 <t_k,t_k> - 2 a <t_k,t_j> + <t_j,t_j>``; the nearest one takes it, with
+    its amplitude re-expressed against that template. A spike does not move to a unit that has a
+    spike of its own within ``refractory_samples`` (matching fitted both: an overlap, not a
+    confusion).
+    """
+    flat = templates.reshape(len(templates), -1).astype(np.float64)
+    gram = flat @ flat.T
+    norms = np.sqrt(np.maximum(np.diag(gram), 1e-12))
+    cosine = gram / np.outer(norms, norms)
+    moved = 0
+    for k in range(len(templates)):
+        cand = np.flatnonzero(cosine[k] >= min_cosine)
+        if len(cand) < 2:
+            continue
+        sel = np.flatnonzero(spikes["cluster_index"] == k)
+        if len(sel) == 0:
+            continue
+        a = spikes["amplitude"][sel].astype(np.float64)[:, None]
+        dist = a ** 2 * gram[k, k] - 2.0 * a * gram[k, cand][None, :] + np.diag(gram)[cand][None, :]
+        best = cand[np.argmin(dist, axis=1)]
+        change = best != k
+        for j in np.unique(best[change]):
+            own = np.sort(spikes["sample_index"][(spikes["cluster_index"] == j)].astype(np.int64))
+            if len(own) == 0 or refractory_samples <= 0:
+                continue
+            idx = np.flatnonzero(change & (best == j))
+            t = spikes["sample_index"][sel[idx]].astype(np.int64)
+            pos = np.searchsorted(own, t)
+            near = np.minimum(np.abs(t - own[np.clip(pos - 1, 0, len(own) - 1)]),
+                              np.abs(own[np.clip(pos, 0, len(own) - 1)] - t))
+            change[idx[near <= refractory_samples]] = False
+        if change.any():
+            new = best[change]
+            spikes["amplitude"][sel[change]] = (a[change, 0] * gram[k, new] / gram[new, new]).astype(
+                spikes["amplitude"].dtype)
+            spikes["cluster_index"][sel[change]] = new
+            moved += int(change.sum())
+    return moved
 
 
 def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,

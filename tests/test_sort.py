@@ -205,6 +205,45 @@ def test_single_channel_recording(tiny_recording_factory):
     assert _accuracy(gt, sorting) > 0.3
 
 
+def test_matched_spikes_go_to_the_same_shape_unit_their_amplitude_fits():
+    """circus-omp picks templates by cosine: a neuron with the shape of a bigger one has its
+    spikes matched to the bigger template at amplitude ~0.67. They move back, unless that unit
+    fired within the refractory period (an overlap both were fitted to), and never to a unit of
+    another shape."""
+    from inference.sort import reassign_by_amplitude
+
+    t = np.arange(60)
+    shape = -np.exp(-0.5 * ((t - 20) / 2.0) ** 2)[:, None] * np.array([1.0, 0.5, 0.2, 0.1])
+    other = np.roll(shape, 8, axis=0) * 1.2
+    templates = np.stack([100 * shape, 150 * shape, 120 * other]).astype(np.float32)
+    spikes = np.zeros(6, dtype=[("sample_index", "int64"), ("cluster_index", "int64"), ("amplitude", "float32")])
+    spikes["sample_index"] = [1000, 2000, 3000, 4000, 4020, 5000]
+    spikes["cluster_index"] = [1, 1, 1, 1, 0, 2]
+    spikes["amplitude"] = [0.67, 1.0, 0.7, 0.66, 1.0, 0.7]
+    moved = reassign_by_amplitude(spikes, templates, refractory_samples=45)
+    # 0.67 x 150 = 100: unit 0; 1.0 x 150 stays; 0.7 x 150 = 105: unit 0; the spike at 4000 has
+    # unit 0 firing 20 samples later: stays; unit 2's shape differs: stays
+    assert moved == 2
+    assert spikes["cluster_index"].tolist() == [0, 1, 0, 1, 0, 2]
+    np.testing.assert_allclose(spikes["amplitude"][[0, 2]], [1.005, 1.05], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_single_wire_two_neurons_of_one_shape():
+    """On one wire two neurons (120 and 179 uV) have nearly one shape. Clustering separates them
+    by amplitude; template matching must not give the smaller one's spikes to the bigger one
+    (it did: accuracy 0.34)."""
+    from inference.sort import sort
+    from spikevault.synth import generate_recording
+
+    rec, gt = generate_recording(probe="single", duration_s=60.0, num_units=2, noise_level_uv=8.0, seed=7051)
+    sorting = sort(rec, job_kwargs=JOB)
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+
+    perf = compare_sorter_to_ground_truth(gt, sorting).get_performance()
+    assert perf["accuracy"].min() > 0.95
+
+
 @pytest.mark.slow
 def test_drift_is_detected_estimated_and_corrected(tmp_path):
     """A drifting dense probe: 'auto' finds the drift (close to the generator's +-20 um) and sorts
