@@ -98,6 +98,11 @@ class SortParams:
     coincidences in a unit of a few hundred spikes give a large ratio and prove nothing)."""
     refractory_ms: float = 1.5
     """Refractory period of the multi-unit test (ISI violations are intervals shorter than this)."""
+    min_unit_spikes: int = 20
+    """Units with fewer spikes than this after matching and merging leave the sorting (listed in
+    params.json ``dropped_units``). Every unit was a cluster of at least curation's
+    ``min_cluster_size`` events; one its template then barely matched (the demo: 4 stray fits of a
+    cluster of a neuron too small to detect) is no neuron anyone can assess. 0 keeps every unit."""
     motion_correction: Any = "auto"
     """'auto' (correct when estimated drift exceeds drift_threshold_um), True or False."""
     drift_threshold_um: float = 10.0
@@ -156,6 +161,8 @@ class SortParams:
             problems.append(f"max_contamination must be > 0 or None, got {self.max_contamination}")
         if not self.refractory_ms > 0:
             problems.append(f"refractory_ms must be > 0, got {self.refractory_ms}")
+        if self.min_unit_spikes < 0:
+            problems.append(f"min_unit_spikes must be >= 0, got {self.min_unit_spikes}")
         if self.multi_unit_min_violations < 0:
             problems.append(f"multi_unit_min_violations must be >= 0, got {self.multi_unit_min_violations}")
         if self.detect_threshold is not None and not self.detect_threshold > 0:
@@ -390,6 +397,17 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids)),
                                    "max_template_diff": max_diff}
             tick("final_merge_s")
+    if p.min_unit_spikes > 0 and len(sorting.unit_ids):
+        counts = sorting.count_num_spikes_per_unit(outputs="dict")
+        few = {u: int(n) for u, n in counts.items() if n < p.min_unit_spikes}
+        if few:
+            keep = np.asarray([u for u in sorting.unit_ids if u not in few])
+            sorting = sorting.select_units(keep)
+            if templates is not None:
+                templates = templates.select_units(keep)
+            logger.info("%d units with fewer than %d spikes after matching left the sorting", len(few),
+                        p.min_unit_spikes)
+        info["dropped_units"] = {str(u): n for u, n in few.items()}
     multi_unit = None
     if p.max_contamination is not None and len(sorting.unit_ids):
         sorting, multi_unit, ratios = split_multi_unit(sorting, duration_s, p)

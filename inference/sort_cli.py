@@ -37,6 +37,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-contamination", type=float, default=0.5,
                         help="units whose ISI-violation ratio (1.5 ms) exceeds this are multi-unit activity: "
                              "moved out of the sorting to OUT/multi_unit (default: 0.5; 0 keeps every unit)")
+    parser.add_argument("--min-unit-spikes", type=int, default=20,
+                        help="units with fewer spikes after matching leave the sorting (default: 20; 0 keeps all)")
     parser.add_argument("--position-scale-um", type=float, default=12.0,
                         help="weight of spike position in clustering: um per embedding SD (default: 12)")
     parser.add_argument("--export-phy", action="store_true", help="also write a phy folder in OUT/phy")
@@ -56,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
         matching=args.matching, matching_method=args.matching_method, final_merge=args.final_merge,
         motion_correction=motion, position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
-        max_contamination=args.max_contamination or None,
+        max_contamination=args.max_contamination or None, min_unit_spikes=args.min_unit_spikes,
         export_phy=args.export_phy, report=args.report, overwrite=args.overwrite, seed=args.seed,
         job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},
     )

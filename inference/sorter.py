@@ -48,6 +48,7 @@ class SpikeVaultSorter(BaseSorter):
         "position_scale_um": 12.0,
         "detect_threshold": None,
         "max_contamination": 0.5,
+        "min_unit_spikes": 20,
         "report": True,
         "export_phy": False,
         "seed": 0,
@@ -66,6 +67,7 @@ class SpikeVaultSorter(BaseSorter):
         "detect_threshold": "Detection threshold in MAD noise units (None: the model's own)",
         "max_contamination": "Units whose ISI-violation ratio (1.5 ms) exceeds this are multi-unit activity and "
                              "leave the sorting (None keeps every unit)",
+        "min_unit_spikes": "Units with fewer spikes after matching leave the sorting (0 keeps every unit)",
         "report": "Write the PNG/HTML report",
         "export_phy": "Also export a phy folder",
         "seed": "Seed of every random choice",

@@ -360,6 +360,26 @@ def test_multi_unit_activity_leaves_the_sorting(easy, tmp_path):
     assert set(info["isi_violations_ratio"]) == set(removed) | {str(u) for u in sorting.unit_ids}
     assert sorted(map(str, load(out / "multi_unit").unit_ids)) == sorted(removed)
 
+
+def test_units_with_too_few_spikes_leave_the_sorting(easy, tmp_path):
+    """A unit its template barely matched is dropped and listed with its spike count; 0 keeps all."""
+    from inference.sort import SortParams, sort
+
+    rec, _ = easy
+    out = tmp_path / "out"
+    kept = sort(rec, model=None, features="pca", out=out, job_kwargs=JOB, report=False, min_unit_spikes=0)
+    counts = kept.count_num_spikes_per_unit(outputs="dict")
+    assert json.loads((out / "params.json").read_text()).get("dropped_units") is None
+    cut = int(np.median(list(counts.values())))  # about half the units have fewer spikes than this
+    sorting = sort(rec, model=None, features="pca", out=out, overwrite=True, job_kwargs=JOB, report=False,
+                   min_unit_spikes=cut)
+    dropped = json.loads((out / "params.json").read_text())["dropped_units"]
+    assert dropped == {str(u): n for u, n in counts.items() if n < cut} and dropped
+    assert sorted(map(str, sorting.unit_ids)) == sorted(str(u) for u, n in counts.items() if n >= cut)
+    with pytest.raises(ValueError, match="min_unit_spikes must be >= 0"):
+        SortParams(min_unit_spikes=-1)
+
+
 def test_preprocessing_cache_is_float16_for_microvolts_and_float32_for_volts(easy):
     from spikeinterface.preprocessing import bandpass_filter, scale
 
