@@ -4,7 +4,9 @@ Cases (generated ground truth, seeds the embedded model never saw):
 
 * ``static32``: 32-channel linear probe, 120 s, 15 units, no drift (spikevault.synth);
 * ``drift64``: 64-channel dense probe, 300 s, 30 units, zigzag drift of +-20 um
-  (spikeinterface.generation.generate_drifting_recording).
+  (spikeinterface.generation.generate_drifting_recording);
+* ``np384`` (only with ``--cases``): a 384-channel Neuropixels-like probe, 60 s, 40 units, static
+  (spikevault.synth), a probe geometry absent from the model's corpora.
 
 Sorters: ``spikevault`` (the model), ``spikevault-pca`` (same pipeline, PCA features),
 ``pca-kmeans`` (PCA of the same detected events + KMeans with BIC-chosen k, no curation or
@@ -37,10 +39,14 @@ EXTRA_SORTERS = ("lupin", "tridesclous2-mc", "lupin-mc")
 CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=120.0, num_units=15, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=300.0, num_units=30, seed=1002),
+    "np384": dict(kind="static", probe="neuropixels", duration_s=60.0, num_units=40, seed=9001),
 }
+#: Cases run without ``--cases``.
+DEFAULT_CASES = ("static32", "drift64")
 QUICK_CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=20.0, num_units=8, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=60.0, num_units=10, seed=1002),
+    "np384": dict(kind="static", probe="neuropixels", duration_s=10.0, num_units=20, seed=9001),
 }
 
 
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small recordings (minutes instead of hours)")
     parser.add_argument("--model", default="default", help="model id for the spikevault row (default: default)")
     parser.add_argument("--sorters", nargs="+", default=list(SORTERS), choices=SORTERS + EXTRA_SORTERS)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     parser.add_argument("--n-jobs", type=int, default=2, help="jobs per sorter (default: 2)")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="per-sorter time limit")
     parser.add_argument("--_worker", nargs=3, metavar=("CASE_DIR", "SORTER", "OUT"), help=argparse.SUPPRESS)
