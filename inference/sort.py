@@ -161,10 +161,9 @@ class SortParams:
             problems.append(f"max_contamination must be > 0 or None, got {self.max_contamination}")
         if not self.refractory_ms > 0:
             problems.append(f"refractory_ms must be > 0, got {self.refractory_ms}")
-        if self.min_unit_spikes < 0:
-            problems.append(f"min_unit_spikes must be >= 0, got {self.min_unit_spikes}")
-        if self.multi_unit_min_violations < 0:
-            problems.append(f"multi_unit_min_violations must be >= 0, got {self.multi_unit_min_violations}")
+        for name in ("min_unit_spikes", "multi_unit_min_violations"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.detect_threshold is not None and not self.detect_threshold > 0:
             problems.append(f"detect_threshold must be > 0 or None, got {self.detect_threshold}")
         if self.cache_preprocessing not in ("auto", "memory", "none"):
@@ -757,9 +756,9 @@ def reassign_by_amplitude(spikes: np.ndarray, templates: np.ndarray, min_cosine:
         dist = a ** 2 * gram[k, k] - 2.0 * a * gram[k, cand][None, :] + np.diag(gram)[cand][None, :]
         best = cand[np.argmin(dist, axis=1)]
         change = best != k
-        for j in np.unique(best[change]):
-            own = np.sort(spikes["sample_index"][(spikes["cluster_index"] == j)].astype(np.int64))
-            if len(own) == 0 or refractory_samples <= 0:
+        for j in np.unique(best[change]) if refractory_samples > 0 else ():
+            own = np.sort(spikes["sample_index"][spikes["cluster_index"] == j].astype(np.int64))
+            if len(own) == 0:
                 continue
             idx = np.flatnonzero(change & (best == j))
             t = spikes["sample_index"][sel[idx]].astype(np.int64)

@@ -57,7 +57,7 @@ def main() -> int:
     corpus_body = corpus_card.split("\n---\n", 1)[1] if corpus_card.startswith("---\n") else corpus_card
 
     config = dict(info.config)
-    extra = {k: config[k] for k in ("training", "step", "metrics", "corpus", "lineage") if k in config}
+    extra = {k: config[k] for k in ("training", "step", "metrics", "corpus") if k in config}
     extra["corpus"] = {"name": "spikevault-synth-default", "summary": manifest.get("summary", {}),
                        "labs": labs, "licences": licences, "num_recordings": len(sources)}
     datasets = ["spikevault-synth-default"]
@@ -67,7 +67,6 @@ def main() -> int:
         tune_manifest = json.loads((args.tune_corpus / "manifest.json").read_text())
         extra["tuning_corpus"] = {"name": "spikevault-synth-tune", "summary": tune_manifest.get("summary", {}),
                                   "num_recordings": len(tune_sources)}
-        extra.pop("lineage", None)  # the parent is a temporary folder of the build; the card says what it was
         datasets.append("spikevault-synth-tune")
         stages += (f", then fine-tuned with a supervised contrastive loss on the simulated units of those and "
                    f"{len(tune_sources)} more recordings (`spikevault synth --seed 101 --drift-fraction 0.5`, "
