@@ -244,3 +244,29 @@ def test_float32_bandpass_matches_spikeinterface_and_survives_pickling():
     for copy in (pickle.loads(pickle.dumps(fast)), load(fast.to_dict())):  # worker processes rebuild it
         assert isinstance(copy, Float32BandpassRecording) and copy.segments[0].coeff.dtype == np.float32
         assert np.array_equal(copy.get_traces(), fast.get_traces())
+
+
+def test_fast_median_reference_equals_spikeinterface_cmr():
+    import pickle
+
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import load
+
+    from spikevault.filters import FastMedianReferenceRecording, common_median_reference, fast_median
+    from spikevault.synth import generate_recording
+
+    rng = np.random.default_rng(0)
+    for n_channels in (7, 8, 64):  # odd and even counts: the even median is the mean of two values
+        x = rng.standard_normal((500, n_channels)).astype(np.float32)
+        assert np.array_equal(fast_median(x, axis=1, keepdims=True), np.median(x, axis=1, keepdims=True))
+        assert np.array_equal(fast_median(x, axis=1), np.median(x, axis=1))
+    x[3, 5] = np.nan  # falls back to numpy (NaN propagates as in np.median)
+    assert np.isnan(fast_median(x, axis=1)[3]) and np.isnan(np.median(x, axis=1)[3])
+
+    rec, _ = generate_recording(probe="linear32", duration_s=2.0, num_units=3, seed=5)
+    reference = spre.common_reference(rec, reference="global", operator="median").get_traces()
+    fast = common_median_reference(rec)
+    assert np.array_equal(fast.get_traces(), reference)
+    for copy in (pickle.loads(pickle.dumps(fast)), load(fast.to_dict())):  # worker processes rebuild it
+        assert isinstance(copy, FastMedianReferenceRecording)
+        assert np.array_equal(copy.get_traces(start_frame=100, end_frame=900), reference[100:900])
