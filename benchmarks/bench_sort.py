@@ -18,6 +18,11 @@ its own subprocess: wall time and peak memory (``ru_maxrss``) are the whole proc
 
     PYTHONPATH=. python benchmarks/bench_sort.py --out bench_out            # full (hours on 2 cores)
     PYTHONPATH=. python benchmarks/bench_sort.py --quick --out /tmp/bench   # minutes
+
+``--seeds S [S ...]`` draws each case again at those seeds (every other setting unchanged; folder
+``CASE-seedS``), so a figure can rest on more than one recording. The model's corpora draw each
+recording's seed at random in [0, 2^31) from their set seeds (100-102), so any seed picked here is
+unseen in practice.
 """
 
 from __future__ import annotations
@@ -194,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="default", help="model id for the spikevault row (default: default)")
     parser.add_argument("--sorters", nargs="+", default=list(SORTERS), choices=SORTERS + EXTRA_SORTERS)
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every case at these seeds instead of its own (folders CASE-seedS)")
     parser.add_argument("--n-jobs", type=int, default=2, help="jobs per sorter (default: 2)")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="per-sorter time limit")
     parser.add_argument("--_worker", nargs=3, metavar=("CASE_DIR", "SORTER", "OUT"), help=argparse.SUPPRESS)
@@ -220,8 +227,9 @@ def main(argv=None) -> int:
     cases = QUICK_CASES if args.quick else CASES
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.cases:
-        spec = cases[name]
+    runs = [(name, cases[name]) for name in args.cases] if not args.seeds else [
+        (f"{name}-seed{seed}", {**cases[name], "seed": seed}) for name in args.cases for seed in args.seeds]
+    for name, spec in runs:
         print(f"== {name}: {spec}", file=sys.stderr)
         case_dir = make_case(name, spec, args.out / "recordings" / ("quick" if args.quick else "full"), args.n_jobs)
         results[name] = []
