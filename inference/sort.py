@@ -62,6 +62,11 @@ class SortParams:
     """Final template-matching pass over the whole recording (recovers overlapping/weak spikes)."""
     matching_method: str = "circus-omp"
     """SpikeInterface matching engine: 'circus-omp', 'wobble', 'tdc-peeler' or 'nearest'."""
+    reject_noise_fits: bool = True
+    """After circus-omp: remove the fits of a low-amplitude template that are more likely noise
+    than its neuron's spikes (a mixture of the fitted amplitudes against the spread that noise
+    alone gives that template; see :func:`noise_fits`). Templates of neurons well above the
+    noise are never tested."""
     final_merge: bool = True
     """After matching, merge units that are one neuron cut in two: SpikeInterface's
     ``auto_merge_units`` (similar templates, close on the probe, no refractory violations
@@ -383,8 +388,11 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
         tick("templates_s")
         if p.matching:
+            mstats: dict = {}
             sorting = match_templates(rec, templates, p.matching_method, job_kwargs, noise_levels=noise,
-                                      refractory_ms=p.refractory_ms)
+                                      refractory_ms=p.refractory_ms, reject_noise=p.reject_noise_fits, seed=p.seed,
+                                      stats=mstats)
+            info["matching"] = {"method": p.matching_method, **mstats}
             tick("matching_s")
         else:
             sorting = _sorting_from_labels(events, labels, recording.get_num_segments(), fs)
@@ -684,13 +692,15 @@ def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job
 
 
 def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None,
-                    refractory_ms: float = 1.5):
+                    refractory_ms: float = 1.5, reject_noise: bool = True, seed: int = 0, stats: dict | None = None):
     """Run SpikeInterface template matching over the whole recording -> NumpySorting.
 
     ``noise_levels`` (per channel, the traces' units) go to the engines that need them
     ('tdc-peeler', 'nearest'); they are measured here when not given. After circus-omp, spikes
     of same-shape templates go to the unit whose amplitude fits them (:func:`reassign_by_amplitude`,
-    never within ``refractory_ms`` of that unit's own spikes).
+    never within ``refractory_ms`` of that unit's own spikes), and, with ``reject_noise``, the fits
+    of low-amplitude templates that are more likely noise than spikes are removed
+    (:func:`noise_fits`); ``stats`` (a dict) receives what was removed.
     """
     from spikeinterface.core import NumpySorting
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
@@ -712,12 +722,117 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
         if moved:
             logger.info("template matching: %d spikes moved to a unit of the same shape whose amplitude fits them "
                         "better", moved)
+        if reject_noise:
+            noise_sd = amplitude_noise_sd(rec, templates, seed=seed)
+            keep = np.ones(len(spikes), dtype=bool)
+            removed = {}
+            for k in np.unique(spikes["cluster_index"]):
+                sel = np.flatnonzero(spikes["cluster_index"] == k)
+                noise = noise_fits(spikes["amplitude"][sel], noise_sd[k])
+                if noise.any():
+                    keep[sel[noise]] = False
+                    removed[str(templates.unit_ids[k])] = int(noise.sum())
+            spikes = spikes[keep]
+            if removed:
+                logger.info("template matching: %d fits of %d low-amplitude templates were noise, not spikes: removed",
+                            sum(removed.values()), len(removed))
+            if stats is not None:
+                stats["noise_fits_removed"] = removed
+                stats["amplitude_noise_sd"] = {str(u): round(float(v), 4) for u, v in zip(templates.unit_ids, noise_sd)}
     fs = rec.get_sampling_frequency()
     samples = [spikes["sample_index"][spikes["segment_index"] == s] for s in range(rec.get_num_segments())]
     labels = [np.asarray(templates.unit_ids)[spikes["cluster_index"][spikes["segment_index"] == s]]
               for s in range(rec.get_num_segments())]
     sorting = NumpySorting.from_samples_and_labels(samples, labels, fs, unit_ids=np.asarray(templates.unit_ids))
     return sorting
+
+
+#: circus-omp's default amplitude bounds: a fit below the lower one is no spike.
+CIRCUS_OMP_MIN_AMPLITUDE = 0.6
+#: A template whose noise-fitted amplitude SD puts the lower bound this many SDs (or more) away
+#: from 0 gets no noise fits worth testing for (a Gaussian tail beyond 6 SD is ~1e-9).
+NOISE_TEST_MAX_SDS = 6.0
+
+
+def amplitude_noise_sd(rec, templates, num_chunks: int = 10, chunk_s: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Per template: the SD of the amplitude a matching engine fits to noise alone.
+
+    The amplitude of template ``t`` at time ``s`` is ``<x(s), t> / <t, t>`` (its channels, its
+    window). Its spread over random chunks of the traces (MAD / 0.6745: spikes are a small part
+    of the samples) is that of the fits noise can produce. It is ~0.01-0.05 for a neuron of
+    100-300 uV and ~0.2 for one of 30 uV on 10 uV noise: for that one circus-omp's lower bound
+    0.6 is only 3 SDs, and noise alone yields hundreds of fits above it in two minutes.
+    """
+    from scipy import fft as sfft
+
+    dense = templates.get_dense_templates().astype(np.float64)
+    num_units, num_samples, _ = dense.shape
+    mask = templates.sparsity.mask if templates.sparsity is not None else np.abs(dense).max(axis=1) > 0
+    fs = rec.get_sampling_frequency()
+    rng = np.random.default_rng(seed)
+    seg_len = np.array([rec.get_num_samples(s) for s in range(rec.get_num_segments())])
+    n = int(min(chunk_s * fs, seg_len.max()))
+    if n <= num_samples:
+        return np.full(num_units, np.inf)
+    nfft = sfft.next_fast_len(n + num_samples - 1, real=True)
+    kernels = [sfft.rfft(dense[k][::-1][:, mask[k]], nfft, axis=0) / max(np.sum(dense[k] ** 2), 1e-12)
+               for k in range(num_units)]
+    fits = [[] for _ in range(num_units)]
+    segments = np.flatnonzero(seg_len >= n)
+    for _ in range(num_chunks):
+        seg = int(rng.choice(segments))
+        start = int(rng.integers(0, seg_len[seg] - n + 1))
+        X = sfft.rfft(rec.get_traces(segment_index=seg, start_frame=start, end_frame=start + n).astype(np.float64),
+                      nfft, axis=0)
+        for k in range(num_units):
+            corr = sfft.irfft(np.sum(X[:, mask[k]] * kernels[k], axis=1), nfft)
+            fits[k].append(corr[num_samples - 1: n])
+    sd = np.empty(num_units)
+    for k in range(num_units):
+        a = np.concatenate(fits[k])
+        sd[k] = np.median(np.abs(a - np.median(a))) / 0.6745
+    return sd
+
+
+def noise_fits(amplitudes: np.ndarray, noise_sd: float, min_amplitude: float = CIRCUS_OMP_MIN_AMPLITUDE,
+               iterations: int = 30) -> np.ndarray:
+    """Which of one unit's matched spikes are more likely noise fits than spikes (boolean mask).
+
+    A two-component mixture of the fitted amplitudes, fit by EM, both components truncated at
+    ``min_amplitude`` (the bound every kept fit passed): noise fits follow the tail of
+    ``N(0, noise_sd)`` (``noise_sd`` known, from :func:`amplitude_noise_sd`), the neuron's spikes
+    ``N(mu, sigma)`` (free; its mean is often below 1, the template being the mean of the events
+    detection picked, which were the larger ones). A spike goes when the noise component is the
+    more likely one. Nothing is tested when the bound is ``NOISE_TEST_MAX_SDS`` noise SDs or more:
+    every neuron of the benchmarks above ~60 uV.
+    """
+    from scipy.optimize import minimize
+    from scipy.stats import norm
+
+    a = np.asarray(amplitudes, dtype=np.float64)
+    if len(a) < 20 or not np.isfinite(noise_sd) or noise_sd <= 0 or min_amplitude / noise_sd >= NOISE_TEST_MAX_SDS:
+        return np.zeros(len(a), dtype=bool)
+    log_noise = norm.logpdf(a / noise_sd) - np.log(noise_sd) - norm.logsf(min_amplitude / noise_sd)
+
+    def log_unit(theta):
+        mu, log_sigma = theta
+        sigma = np.exp(log_sigma)
+        return norm.logpdf(a, mu, sigma) - norm.logsf((min_amplitude - mu) / sigma)
+
+    theta = np.array([float(np.median(a)), np.log(max(float(np.std(a)), 0.01))])
+    share = 0.5
+    p_noise = np.zeros(len(a))
+    for _ in range(iterations):
+        delta = np.clip(np.log1p(-share) + log_unit(theta) - np.log(share) - log_noise, -50, 50)
+        p_noise = 1.0 / (1.0 + np.exp(delta))
+        share = float(np.clip(p_noise.mean(), 1e-4, 1 - 1e-4))
+        w = 1.0 - p_noise
+        if w.sum() < 1:
+            break
+        theta = minimize(lambda th: -np.sum(w * log_unit(th)), theta, method="Nelder-Mead",
+                         options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 200}).x
+        theta[1] = max(theta[1], np.log(0.01))
+    return p_noise > 0.5
 
 
 #: Templates at least this similar (cosine, all channels) are one shape at two amplitudes to

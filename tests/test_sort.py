@@ -228,6 +228,44 @@ def test_matched_spikes_go_to_the_same_shape_unit_their_amplitude_fits():
     np.testing.assert_allclose(spikes["amplitude"][[0, 2]], [1.005, 1.05], rtol=1e-5)
 
 
+def test_amplitude_noise_sd_is_noise_over_template_norm_on_white_noise():
+    """On white noise of SD s the amplitude fitted to template t has SD s / ||t||."""
+    from spikeinterface.core import NumpyRecording, Templates
+
+    from inference.sort import amplitude_noise_sd
+
+    rng = np.random.default_rng(0)
+    traces = (10.0 * rng.standard_normal((300_000, 4))).astype(np.float32)
+    rec = NumpyRecording([traces], sampling_frequency=30_000.0)
+    t = np.arange(60)
+    shape = -np.exp(-0.5 * ((t - 20) / 2.0) ** 2)[:, None] * np.array([1.0, 0.5, 0.2, 0.0])
+    arr = np.stack([30.0 * shape, 300.0 * shape]).astype(np.float32)
+    templates = Templates(arr, 30_000.0, 20, is_in_uV=True, channel_ids=rec.channel_ids, unit_ids=np.array([0, 1]))
+    sd = amplitude_noise_sd(rec, templates, num_chunks=5)
+    expected = 10.0 / np.linalg.norm(arr.reshape(2, -1), axis=1)
+    np.testing.assert_allclose(sd, expected, rtol=0.05)
+
+
+def test_noise_fits_are_told_from_a_small_neurons_spikes():
+    """A 30 uV neuron on 10 uV noise: circus-omp's 0.6 bound is ~3 noise SDs, so noise alone is
+    fitted hundreds of times just above it. The mixture removes most of those fits and few
+    spikes; a neuron far above the noise is never tested."""
+    from scipy.stats import truncnorm
+
+    from inference.sort import noise_fits
+
+    rng = np.random.default_rng(1)
+    sd = 0.18
+    spikes = truncnorm.rvs((0.6 - 0.95) / 0.15, np.inf, loc=0.95, scale=0.15, size=400, random_state=rng)
+    noise = truncnorm.rvs(0.6 / sd, np.inf, loc=0.0, scale=sd, size=250, random_state=rng)
+    out = noise_fits(np.concatenate([spikes, noise]), sd)
+    assert out[400:].mean() > 0.7 and out[:400].mean() < 0.08  # the spikes below ~0.7 are ambiguous
+    # spikes alone, whose amplitudes reach down to the bound (a template biased high): kept
+    low = truncnorm.rvs((0.6 - 0.8) / 0.15, np.inf, loc=0.8, scale=0.15, size=500, random_state=rng)
+    assert noise_fits(low, sd).mean() < 0.05
+    assert not noise_fits(np.concatenate([spikes, noise]), 0.02).any()  # bound 30 SDs away: untested
+
+
 @pytest.mark.slow
 def test_single_wire_two_neurons_of_one_shape():
     """On one wire two neurons (120 and 179 uV) have nearly one shape. Clustering separates them
