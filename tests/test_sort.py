@@ -244,6 +244,10 @@ def test_amplitude_noise_sd_is_noise_over_template_norm_on_white_noise():
     sd = amplitude_noise_sd(rec, templates, num_chunks=5)
     expected = 10.0 / np.linalg.norm(arr.reshape(2, -1), axis=1)
     np.testing.assert_allclose(sd, expected, rtol=0.05)
+    # given the channels' noise, the 300 uV template is not measured: its bound already stays
+    # >= 6 SDs away; the 30 uV one is measured as before
+    screened = amplitude_noise_sd(rec, templates, noise_levels=np.full(4, 10.0), num_chunks=5)
+    assert screened[0] == sd[0] and 0.6 / screened[1] >= 6 and screened[1] > sd[1]
 
 
 def test_noise_fits_are_told_from_a_small_neurons_spikes():
