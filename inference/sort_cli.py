@@ -27,6 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matching-method", default="circus-omp",
                         choices=("circus-omp", "wobble", "tdc-peeler", "nearest"),
                         help="SpikeInterface matching engine (default: circus-omp)")
+    parser.add_argument("--keep-noise-fits", dest="reject_noise_fits", action="store_false",
+                        help="keep every circus-omp fit of low-amplitude templates (by default those their "
+                             "amplitude distribution says are noise are removed)")
     parser.add_argument("--no-final-merge", dest="final_merge", action="store_false",
                         help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")
     parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
@@ -56,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     model = None if (args.features == "pca" and args.model in ("none", "None")) else args.model
     sorting = sort(
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
-        matching=args.matching, matching_method=args.matching_method, final_merge=args.final_merge,
+        matching=args.matching, matching_method=args.matching_method, reject_noise_fits=args.reject_noise_fits,
+        final_merge=args.final_merge,
         motion_correction=motion, position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
         max_contamination=args.max_contamination or None, min_unit_spikes=args.min_unit_spikes,
         export_phy=args.export_phy, report=args.report, overwrite=args.overwrite, seed=args.seed,

@@ -43,6 +43,7 @@ class SpikeVaultSorter(BaseSorter):
         "clusterer": "hdbscan",
         "matching": True,
         "matching_method": "circus-omp",
+        "reject_noise_fits": True,
         "final_merge": True,
         "motion_correction": "auto",
         "position_scale_um": 12.0,
@@ -61,6 +62,8 @@ class SpikeVaultSorter(BaseSorter):
         "clusterer": "'hdbscan', 'gmm', 'dpgmm' or 'kmeans' (each chooses its number of units)",
         "matching": "Final template-matching pass over the recording",
         "matching_method": "SpikeInterface matching engine ('circus-omp', 'wobble', 'tdc-peeler', 'nearest')",
+        "reject_noise_fits": "After circus-omp, remove the fits of low-amplitude templates that their amplitude "
+                             "distribution says are noise",
         "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units: similar templates, close, low cross-contamination)",
         "motion_correction": "'auto' (when drift is detected), True or False",
         "position_scale_um": "Weight of spike position vs embedding in clustering (um per embedding SD)",

@@ -271,6 +271,35 @@ def test_noise_fits_are_told_from_a_small_neurons_spikes():
 
 
 @pytest.mark.slow
+def test_noise_fits_of_a_small_neurons_template_are_removed_end_to_end(tmp_path):
+    """static32's seed 3001: a 28 uV neuron on 10 uV noise, whose template circus-omp also fits
+    to noise ~200 times above its 0.6 bound. The sort removes most of those fits (listed in
+    params.json); ``--keep-noise-fits`` keeps them and the unit's precision drops."""
+    from spikeinterface.comparison import compare_sorter_to_ground_truth
+    from spikeinterface.core import load
+
+    from inference.sort import sort
+    from spikevault.cli import main
+    from spikevault.synth import generate_recording
+
+    rec, gt = generate_recording(probe="linear32", duration_s=120.0, num_units=15, seed=3001)
+    rec = rec.save(folder=tmp_path / "rec", n_jobs=2, progress_bar=False)
+    cleaned = sort(rec, model=None, features="pca", out=tmp_path / "clean", report=False, job_kwargs={"n_jobs": 2})
+    removed = json.loads((tmp_path / "clean" / "params.json").read_text())["matching"]["noise_fits_removed"]
+    assert sum(removed.values()) > 50
+    argv = ["sort", str(tmp_path / "rec"), "--model", "none", "--features", "pca", "--out", str(tmp_path / "kept"),
+            "--no-report", "--keep-noise-fits", "--n-jobs", "2"]
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "kept" / "params.json").read_text())
+    assert info["params"]["reject_noise_fits"] is False and "noise_fits_removed" not in info["matching"]
+    small = "4"  # the 28 uV neuron
+    perf = {name: compare_sorter_to_ground_truth(gt, sorting).get_performance()
+            for name, sorting in (("clean", cleaned), ("kept", load(tmp_path / "kept" / "sorting")))}
+    assert perf["clean"].loc[small, "precision"] > perf["kept"].loc[small, "precision"] + 0.1
+    assert perf["clean"]["accuracy"].mean() >= perf["kept"]["accuracy"].mean()
+
+
+@pytest.mark.slow
 def test_single_wire_two_neurons_of_one_shape():
     """On one wire two neurons (120 and 179 uV) have nearly one shape. Clustering separates them
     by amplitude; template matching must not give the smaller one's spikes to the bigger one
