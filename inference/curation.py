@@ -175,7 +175,7 @@ class EventSet:
         carried = ev_ch >= 0
         rows = ev_ch[carried]
         # per-channel sums as a sparse [C, n_carried] x [n_carried, T] product: no dense
-        # [n, T, C] array of NaNs to average (5x faster; np.add.at is slower still)
+        # [n, T, C] array of NaNs to average (twice as fast; np.add.at is slower than either)
         onehot = csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, np.arange(len(rows)))),
                             shape=(self.num_channels, len(rows)))
         sums = onehot @ self.waveforms[idx].transpose(0, 2, 1)[carried].astype(np.float32)
