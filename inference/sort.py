@@ -724,9 +724,10 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
                         "better", moved)
         if reject_noise:
             noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
+            tested = np.flatnonzero(CIRCUS_OMP_MIN_AMPLITUDE / noise_sd < NOISE_TEST_MAX_SDS)
             keep = np.ones(len(spikes), dtype=bool)
             removed = {}
-            for k in np.unique(spikes["cluster_index"]):
+            for k in tested:
                 sel = np.flatnonzero(spikes["cluster_index"] == k)
                 noise = noise_fits(spikes["amplitude"][sel], noise_sd[k])
                 if noise.any():
@@ -739,8 +740,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
             if stats is not None:
                 stats["noise_fits_removed"] = removed
                 stats["amplitude_noise_sd_of_tested_units"] = {
-                    str(u): round(float(v), 4) for u, v in zip(templates.unit_ids, noise_sd)
-                    if CIRCUS_OMP_MIN_AMPLITUDE / v < NOISE_TEST_MAX_SDS}
+                    str(templates.unit_ids[k]): round(float(noise_sd[k]), 4) for k in tested}
     fs = rec.get_sampling_frequency()
     samples = [spikes["sample_index"][spikes["segment_index"] == s] for s in range(rec.get_num_segments())]
     labels = [np.asarray(templates.unit_ids)[spikes["cluster_index"][spikes["segment_index"] == s]]
@@ -764,7 +764,7 @@ def amplitude_noise_sd(rec, templates, noise_levels: np.ndarray | None = None, n
     """Per template: the SD of the amplitude a matching engine fits to noise alone.
 
     The amplitude of template ``t`` at time ``s`` is ``<x(s), t> / <t, t>`` (its channels, its
-    window). Its spread over random chunks of the traces (MAD / 0.6745: spikes are a small part
+    window). Its spread over random chunks of the traces (MAD-based SD: spikes are a small part
     of the samples) is that of the fits noise can produce. It is ~0.01-0.05 for a neuron of
     100-300 uV and ~0.2 for one of 30 uV on 10 uV noise: for that one circus-omp's lower bound
     0.6 is only 3 SDs, and noise alone yields hundreds of fits above it in two minutes.
@@ -776,6 +776,7 @@ def amplitude_noise_sd(rec, templates, noise_levels: np.ndarray | None = None, n
     bound ``NOISE_TEST_MAX_SDS`` SDs away. The rest are measured on the union of their channels only.
     """
     from scipy import fft as sfft
+    from scipy.stats import median_abs_deviation
 
     dense = templates.get_dense_templates().astype(np.float64)
     num_units, num_samples, _ = dense.shape
@@ -809,7 +810,7 @@ def amplitude_noise_sd(rec, templates, noise_levels: np.ndarray | None = None, n
             fits[k].append(sfft.irfft(np.sum(X[:, cols] * kernel, axis=1), nfft)[num_samples - 1: n])
     for k, chunks in fits.items():
         a = np.concatenate(chunks)
-        sd[k] = np.median(np.abs(a - np.median(a))) / 0.6745
+        sd[k] = median_abs_deviation(a, scale="normal")
     return sd
 
 
