@@ -11,7 +11,7 @@
     embed               the encoder in batches (or PCA, the ablation)
     cluster             embedding + position, per probe region, in parallel
     curate              split / merge until unimodal and distinct, reject noise clusters
-    match               SpikeInterface template matching (circus-omp) recovers missed spikes
+    match               SpikeInterface template matching (wobble, whitened) recovers missed spikes
     final merge         SpikeInterface auto_merge_units joins units split in two (similar templates,
                         close, no refractory violations across the parts)
     save                sorting, rejected events, params + versions, sort.log, report
@@ -60,10 +60,11 @@ class SortParams:
     """'model' (the encoder's embedding) or 'pca' (PCA of the same events: the ablation)."""
     matching: bool = True
     """Final template-matching pass over the whole recording (recovers overlapping/weak spikes)."""
-    matching_method: str = "circus-omp"
-    """SpikeInterface matching engine: 'circus-omp', 'wobble', 'tdc-peeler' or 'nearest'."""
+    matching_method: str = "wobble"
+    """SpikeInterface matching engine: 'wobble' (on whitened traces, see :func:`_wobble`),
+    'circus-omp', 'tdc-peeler' or 'nearest'."""
     reject_noise_fits: bool = True
-    """After circus-omp: remove the fits of a low-amplitude template that are more likely noise
+    """After wobble or circus-omp: remove the fits of a low-amplitude template that are more likely noise
     than its neuron's spikes (a mixture of the fitted amplitudes against the spread that noise
     alone gives that template; see :func:`noise_fits`). Templates of neurons well above the
     noise are never tested."""
@@ -88,6 +89,10 @@ class SortParams:
     final_merge_censor_ms: float = 3.0
     """Final merge: in a merged unit, of two spikes closer than this only the first is kept (the
     same spike found in both parts)."""
+    final_merge_min_spikes: int = 20
+    """Final merge: units with fewer spikes are never merged. SpikeInterface's default is 100;
+    wobble splits a drifting neuron's spikes among its near-identical templates (drift64: 67
+    and 69 spikes beside 1116), and those parts must merge back."""
     max_contamination: float | None = 0.5
     """Units whose ISI-violation ratio (SpikeInterface's ``isi_violations`` (Hill et al. 2011),
     refractory period ``refractory_ms``; 0 for a neuron alone, about 0.5 for independent
@@ -218,7 +223,7 @@ def sort(
     features : {"model", "pca"}
         Cluster on the encoder's embedding, or on PCA of the same events (ablation).
     matching : bool
-        Final template-matching pass (SpikeInterface ``circus-omp``).
+        Final template-matching pass (SpikeInterface ``wobble`` on whitened traces by default).
     motion_correction : "auto", True or False
         "auto" estimates the drift and corrects it when above ``drift_threshold_um``.
     overwrite : bool
@@ -696,7 +701,8 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     """Run SpikeInterface template matching over the whole recording -> NumpySorting.
 
     ``noise_levels`` (per channel, the traces' units) go to the engines that need them
-    ('tdc-peeler', 'nearest'); they are measured here when not given. After circus-omp, spikes
+    ('tdc-peeler', 'nearest'); they are measured here when not given. 'wobble' runs on whitened
+    traces and its amplitudes are refitted (:func:`_wobble`). After wobble or circus-omp, spikes
     of same-shape templates go to the unit whose amplitude fits them (:func:`reassign_by_amplitude`,
     never within ``refractory_ms`` of that unit's own spikes), and, with ``reject_noise``, the fits
     of low-amplitude templates that are more likely noise than spikes are removed
@@ -708,28 +714,50 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
 
     jk = dict(job_kwargs)
     jk.setdefault("chunk_duration", "250ms" if method == "circus-omp" else "1s")
-    method_kwargs = {}
-    if getattr(matching_methods[method], "need_noise_levels", False):
-        method_kwargs["noise_levels"] = _noise_levels(rec, job_kwargs) if noise_levels is None else noise_levels
-    spikes = find_spikes_from_templates(rec, templates, method=method, method_kwargs=method_kwargs, job_kwargs=jk)
-    spikes = spikes[spikes["cluster_index"] >= 0]
-    order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
-    spikes = spikes[order]
+    fs = rec.get_sampling_frequency()
+    refractory_samples = int(round(refractory_ms * fs / 1000))
+    if method == "wobble":
+        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels)
+    else:
+        method_kwargs = {}
+        if getattr(matching_methods[method], "need_noise_levels", False):
+            method_kwargs["noise_levels"] = _noise_levels(rec, job_kwargs) if noise_levels is None else noise_levels
+        spikes = find_spikes_from_templates(rec, templates, method=method, method_kwargs=method_kwargs, job_kwargs=jk)
+        spikes = spikes[spikes["cluster_index"] >= 0]
+        spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
     logger.info("template matching (%s): %d spikes for %d templates", method, len(spikes), len(templates.unit_ids))
-    if method == "circus-omp" and len(spikes):
-        moved = reassign_by_amplitude(spikes, templates.get_dense_templates(),
-                                      refractory_samples=int(round(refractory_ms * rec.get_sampling_frequency() / 1000)))
+    if method in ("circus-omp", "wobble") and len(spikes):
+        moved = reassign_by_amplitude(spikes, templates.get_dense_templates(), refractory_samples=refractory_samples)
         if moved:
             logger.info("template matching: %d spikes moved to a unit of the same shape whose amplitude fits them "
                         "better", moved)
+        if method == "wobble":
+            residual = residual_fits(spikes, templates.get_dense_templates(),
+                                     window_samples=int(round(RESIDUAL_WINDOW_MS * fs / 1000)))
+            if residual.any():
+                logger.info("template matching: %d fits of small templates beside a larger neighbour's fit removed",
+                            int(residual.sum()))
+            if stats is not None:
+                units, counts = np.unique(spikes["cluster_index"][residual], return_counts=True)
+                stats["residual_fits_removed"] = {str(templates.unit_ids[u]): int(n) for u, n in zip(units, counts)}
+            spikes = spikes[~residual]
         if reject_noise:
             noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
-            tested = np.flatnonzero(CIRCUS_OMP_MIN_AMPLITUDE / noise_sd < NOISE_TEST_MAX_SDS)
             keep = np.ones(len(spikes), dtype=bool)
             removed = {}
-            for k in tested:
+            tested = {}
+            for k in range(len(templates.unit_ids)):
                 sel = np.flatnonzero(spikes["cluster_index"] == k)
-                noise = noise_fits(spikes["amplitude"][sel], noise_sd[k])
+                if len(sel) == 0:
+                    continue
+                amps = spikes["amplitude"][sel]
+                # circus-omp keeps fits above its fixed bound; wobble keeps those whose objective
+                # clears its threshold, a bound per template: the smallest kept fit estimates it
+                bound = CIRCUS_OMP_MIN_AMPLITUDE if method == "circus-omp" else max(float(amps.min()), MIN_WOBBLE_BOUND)
+                if bound / noise_sd[k] >= NOISE_TEST_MAX_SDS:
+                    continue
+                tested[str(templates.unit_ids[k])] = round(float(noise_sd[k]), 4)
+                noise = noise_fits(amps, noise_sd[k], min_amplitude=bound)
                 if noise.any():
                     keep[sel[noise]] = False
                     removed[str(templates.unit_ids[k])] = int(noise.sum())
@@ -739,14 +767,130 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
                             sum(removed.values()), len(removed))
             if stats is not None:
                 stats["noise_fits_removed"] = removed
-                stats["amplitude_noise_sd_of_tested_units"] = {
-                    str(templates.unit_ids[k]): round(float(noise_sd[k]), 4) for k in tested}
-    fs = rec.get_sampling_frequency()
+                stats["amplitude_noise_sd_of_tested_units"] = tested
     samples = [spikes["sample_index"][spikes["segment_index"] == s] for s in range(rec.get_num_segments())]
     labels = [np.asarray(templates.unit_ids)[spikes["cluster_index"][spikes["segment_index"] == s]]
               for s in range(rec.get_num_segments())]
     sorting = NumpySorting.from_samples_and_labels(samples, labels, fs, unit_ids=np.asarray(templates.unit_ids))
     return sorting
+
+
+def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels) -> np.ndarray:
+    """SpikeInterface's wobble matching on spatially whitened traces; amplitudes as scalings.
+
+    Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
+    whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once) and the templates go
+    through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
+    squared norm in noise units (25: a spike 5 noise SDs tall along its template); its refractory
+    period is the sort's. Wobble reports each spike's peak voltage, not its fitted amplitude: the
+    amplitudes (scaling of the template, 1 = the template) are then fitted by SpikeInterface's
+    ``amplitude_scalings`` on the unwhitened traces, collisions included, as the steps after
+    matching expect.
+    """
+    from spikeinterface.core import NumpySorting, Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
+    from spikeinterface.preprocessing import whiten
+    from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+    from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
+
+    white = whiten(rec, dtype="float32", mode="local", radius_um=WHITEN_RADIUS_UM, seed=0)
+    matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
+    mask = (templates.sparsity.mask if templates.sparsity is not None
+            else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
+    white_templates = Templates(
+        templates_array=(templates.get_dense_templates() @ matrix).astype(np.float32),
+        sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
+        sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
+    ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
+    params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": int(refractory_samples),
+              "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
+    spikes = find_spikes_from_templates(white, white_templates, method="wobble",
+                                        method_kwargs={"parameters": params, "engine": "numpy"}, job_kwargs=job_kwargs)
+    spikes = spikes[spikes["cluster_index"] >= 0]
+    spikes = spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
+    if len(spikes) == 0:
+        return spikes
+    vector = np.zeros(len(spikes), dtype=[("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")])
+    for name, source in (("sample_index", "sample_index"), ("unit_index", "cluster_index"), ("segment_index", "segment_index")):
+        vector[name] = spikes[source]
+    sorting = NumpySorting(vector, rec.get_sampling_frequency(), templates.unit_ids)
+    analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates, noise_levels=noise_levels)
+    analyzer.compute("amplitude_scalings", handle_collisions=True,
+                     **{k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")})
+    scalings = analyzer.get_extension("amplitude_scalings").get_data()
+    # the scalings follow the sorting's spike vector; put both in (segment, sample, unit) order
+    ordered = sorting.to_spike_vector()
+    spikes["amplitude"] = scalings[np.lexsort((ordered["unit_index"], ordered["sample_index"], ordered["segment_index"]))]
+    return spikes
+
+
+#: Radius of the local whitening before wobble (SpikeInterface's default, as Lupin uses).
+WHITEN_RADIUS_UM = 100.0
+#: Wobble's threshold on the fitted spike's squared norm in whitened (noise) units.
+WOBBLE_THRESHOLD = 25.0
+#: Wobble's prior variance of a spike's amplitude around its template's (SpikeInterface's default).
+WOBBLE_AMPLITUDE_VARIANCE = 1.0
+#: Window (either side) and norm ratio of :func:`residual_fits`.
+RESIDUAL_WINDOW_MS = 0.5
+#: Floor of the per-template amplitude bound estimated from wobble's smallest fit.
+MIN_WOBBLE_BOUND = 0.05
+
+
+#: A fit is a residual candidate when a neighbour's fit has this many times its norm on its channels,
+RESIDUAL_FACTOR = 2.0
+#: and a residual when its amplitude is this many robust SDs from its unit's other fits.
+RESIDUAL_MAX_SDS = 2.0
+
+
+def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int, factor: float | None = None,
+                  max_sds: float | None = None) -> np.ndarray:
+    """Which matched spikes are a small template fitted to what a larger neighbour's fit left.
+
+    A drifting or bending large spike is not exactly its template: the residual after its fit
+    is large enough for a small template on the same channels to be fitted to it (on drift64 at
+    seed 2001, a 39 uV neuron beside a 238 uV one at the top of the probe took 844 fits of the
+    large one's spikes, and its unit was lost). A fit of template ``k`` at amplitude ``a_k`` is
+    a candidate when, within ``window_samples``, another fit ``a_j t_j`` has more than ``factor``
+    (default ``RESIDUAL_FACTOR``) times its norm on ``k``'s channels:
+    ``a_j ||t_j on channels(k)|| > factor a_k ||t_k||``. A real coincidence of two neurons is
+    such a candidate too, but keeps its neuron's amplitude; a residual has any amplitude. So a
+    candidate is removed only when its amplitude is more than ``max_sds`` (default
+    ``RESIDUAL_MAX_SDS``) robust SDs (MAD) from the median of the unit's other fits.
+    ``spikes`` must be sorted by sample index within each segment.
+    """
+    factor = RESIDUAL_FACTOR if factor is None else factor
+    max_sds = RESIDUAL_MAX_SDS if max_sds is None else max_sds
+    from scipy.stats import median_abs_deviation
+
+    dense = templates.astype(np.float64)
+    channels = (np.abs(dense).max(axis=1) > 0).astype(np.float64)  # [U, C]
+    norms = np.sqrt(np.sum(dense ** 2, axis=(1, 2)))
+    # on_k[k, j]: norm of template j on the channels of template k, over the norm of k
+    on_k = np.sqrt(np.einsum("jtc,kc->kj", dense ** 2, channels)) / np.maximum(norms, 1e-12)[:, None]
+    t = spikes["sample_index"].astype(np.int64)
+    seg = spikes["segment_index"] if "segment_index" in spikes.dtype.names else np.zeros(len(t), np.int64)
+    k = spikes["cluster_index"]
+    a = spikes["amplitude"].astype(np.float64)
+    candidate = np.zeros(len(t), dtype=bool)
+    for shift in range(1, len(t)):
+        near = (t[shift:] - t[:-shift] <= window_samples) & (seg[shift:] == seg[:-shift])
+        if not near.any():
+            break
+        first, second = np.flatnonzero(near), np.flatnonzero(near) + shift
+        candidate[first] |= a[second] * on_k[k[first], k[second]] > factor * a[first]
+        candidate[second] |= a[first] * on_k[k[second], k[first]] > factor * a[second]
+    flagged = np.zeros(len(t), dtype=bool)
+    for unit in np.unique(k[candidate]):
+        mine = k == unit
+        reference = a[mine & ~candidate]
+        tested = np.flatnonzero(mine & candidate)
+        if len(reference) < 10:  # (nearly) every fit of the unit sits on a larger one's
+            flagged[tested] = True
+            continue
+        centre = np.median(reference)
+        spread = median_abs_deviation(reference, scale="normal")
+        flagged[tested] = np.abs(a[tested] - centre) > max_sds * spread
+    return flagged
 
 
 #: circus-omp's default amplitude bounds: a fit below the lower one is no spike.
@@ -943,6 +1087,7 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
     max_template_diff = p.final_merge_max_template_diff if max_template_diff is None else max_template_diff
     thresholds = np.arange(0.05, max(max_template_diff, 0.05) + 1e-9, 0.05)
     steps_params = [{"template_similarity": {"template_diff_thresh": float(t)},
+                     "num_spikes": {"min_spikes": int(p.final_merge_min_spikes)},
                      "unit_locations": {"max_distance_um": p.final_merge_max_distance_um},
                      "remove_contaminated": {"contamination_thresh": _NEVER_EXCLUDE},
                      "cross_contamination": {"p_value": _CROSS_CONTAMINATION_P}} for t in thresholds]

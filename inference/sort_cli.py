@@ -24,11 +24,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cluster on the encoder embedding or on PCA of the same events (default: model)")
     parser.add_argument("--no-matching", dest="matching", action="store_false",
                         help="skip the final template-matching pass")
-    parser.add_argument("--matching-method", default="circus-omp",
-                        choices=("circus-omp", "wobble", "tdc-peeler", "nearest"),
-                        help="SpikeInterface matching engine (default: circus-omp)")
+    parser.add_argument("--matching-method", default="wobble",
+                        choices=("wobble", "circus-omp", "tdc-peeler", "nearest"),
+                        help="SpikeInterface matching engine (default: wobble, on whitened traces)")
     parser.add_argument("--keep-noise-fits", dest="reject_noise_fits", action="store_false",
-                        help="keep every circus-omp fit of low-amplitude templates (by default those their "
+                        help="keep every wobble or circus-omp fit of low-amplitude templates (by default those their "
                              "amplitude distribution says are noise are removed)")
     parser.add_argument("--no-final-merge", dest="final_merge", action="store_false",
                         help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")

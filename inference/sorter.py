@@ -34,7 +34,7 @@ class SpikeVaultSorter(BaseSorter):
     gpu_capability = "not-supported"
     sorter_description = (
         "SpikeVault: pretrained probe-agnostic spike encoder, clustering with position, iterative "
-        "split/merge curation, template matching (circus-omp) and a final auto-merge."
+        "split/merge curation, template matching (wobble on whitened traces) and a final auto-merge."
     )
 
     _default_params = {
@@ -42,7 +42,7 @@ class SpikeVaultSorter(BaseSorter):
         "features": "model",
         "clusterer": "hdbscan",
         "matching": True,
-        "matching_method": "circus-omp",
+        "matching_method": "wobble",
         "reject_noise_fits": True,
         "final_merge": True,
         "motion_correction": "auto",
@@ -61,8 +61,8 @@ class SpikeVaultSorter(BaseSorter):
         "features": "'model' (encoder embedding) or 'pca' (PCA of the same events)",
         "clusterer": "'hdbscan', 'gmm', 'dpgmm' or 'kmeans' (each chooses its number of units)",
         "matching": "Final template-matching pass over the recording",
-        "matching_method": "SpikeInterface matching engine ('circus-omp', 'wobble', 'tdc-peeler', 'nearest')",
-        "reject_noise_fits": "After circus-omp, remove the fits of low-amplitude templates that their amplitude "
+        "matching_method": "SpikeInterface matching engine ('wobble', 'circus-omp', 'tdc-peeler', 'nearest')",
+        "reject_noise_fits": "After wobble or circus-omp, remove the fits of low-amplitude templates that their amplitude "
                              "distribution says are noise",
         "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units: similar templates, close, low cross-contamination)",
         "motion_correction": "'auto' (when drift is detected), True or False",

@@ -121,14 +121,45 @@ def test_each_clusterer_sorts(small_recording, clusterer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["wobble", "tdc-peeler", "nearest"])
+@pytest.mark.parametrize("method", ["circus-omp", "tdc-peeler", "nearest"])
 def test_each_matching_engine_sorts(easy, method):
-    """Every engine --matching-method offers runs (those needing noise levels get ours)."""
+    """Every engine --matching-method offers besides the default (wobble) runs (those needing
+    noise levels get ours)."""
     from inference.sort import sort
 
     rec, gt = easy
     sorting = sort(rec, model=None, features="pca", matching_method=method, job_kwargs=JOB, report=False)
     assert _accuracy(gt, sorting) > 0.6
+
+def test_wobble_on_whitened_traces_finds_the_spikes_and_fits_their_amplitudes(easy):
+    """Wobble with the true templates: it finds the neurons' spikes, and the amplitudes it
+    returns are scalings of the template (refitted: wobble itself reports the peak voltage),
+    ~1 for a neuron's own spikes."""
+    from spikeinterface.core import NumpySorting, Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
+    from spikeinterface.core.waveform_tools import estimate_templates
+
+    from inference.sort import _noise_levels, _wobble
+    from spikevault.extract import preprocess
+
+    rec, gt = easy
+    pre = preprocess(rec)
+
+    nbefore, nafter = 30, 60
+    arr = estimate_templates(pre, gt.to_spike_vector(), np.arange(len(gt.unit_ids)), nbefore, nafter,
+                             return_in_uV=False, n_jobs=1, chunk_duration="1s", progress_bar=False)
+    mask = np.ptp(arr, axis=1) > 0.1 * np.ptp(arr, axis=1).max(axis=1, keepdims=True)
+    templates = Templates(arr.astype(np.float32), pre.sampling_frequency, nbefore, is_in_uV=True,
+                          channel_ids=pre.channel_ids, unit_ids=gt.unit_ids, probe=pre.get_probe()
+                          ).to_sparse(ChannelSparsity(mask, gt.unit_ids, pre.channel_ids))
+    spikes = _wobble(pre, templates, {"n_jobs": 1, "chunk_duration": "1s"}, 45, _noise_levels(pre, JOB))
+    assert np.all(np.diff(spikes["sample_index"]) >= 0)
+    found = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [gt.unit_ids[spikes["cluster_index"]]],
+                                                 pre.sampling_frequency)
+    assert _accuracy(gt, found) > 0.9
+    for k in range(len(gt.unit_ids)):
+        assert 0.85 < np.median(spikes["amplitude"][spikes["cluster_index"] == k]) < 1.15
+
 
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_parameters_name_the_flag(easy):
@@ -228,6 +259,34 @@ def test_matched_spikes_go_to_the_same_shape_unit_their_amplitude_fits():
     np.testing.assert_allclose(spikes["amplitude"][[0, 2]], [1.005, 1.05], rtol=1e-5)
 
 
+def test_residual_fits_of_a_small_template_beside_a_large_one_are_removed():
+    """A small template fitted within 0.5 ms of a large fit on its channels at an amplitude its
+    own spikes do not have is a residual fit: removed. Its spikes that coincide with the large
+    neuron at their usual amplitude stay, and so does a small fit beside a large neuron on other
+    channels."""
+    from inference.sort import residual_fits
+
+    t = np.arange(60)
+    bump = -np.exp(-0.5 * ((t - 20) / 2.0) ** 2)[:, None]
+    big = 200 * bump * np.array([1.0, 0.6, 0.2, 0.0, 0.0, 0.0])
+    small = 30 * bump * np.array([0.5, 1.0, 0.4, 0.0, 0.0, 0.0])
+    far = 200 * bump * np.array([0.0, 0.0, 0.0, 0.0, 0.6, 1.0])
+    templates = np.stack([big, small, far]).astype(np.float32)
+    rng = np.random.default_rng(0)
+    own = 1000 + 3000 * np.arange(100)  # the small neuron alone, amplitudes ~1
+    rows = [(s, 1, a) for s, a in zip(own, rng.normal(1.0, 0.08, len(own)))]
+    rows += [(500_000, 0, 1.0), (500_005, 1, 0.45)]   # residual: beside the big fit, amplitude 0.45
+    rows += [(600_000, 0, 1.0), (600_010, 1, 1.02)]   # a coincidence at the neuron's own amplitude
+    rows += [(700_000, 2, 1.0), (700_004, 1, 0.4)]    # beside a large fit on other channels
+    rows.sort()
+    spikes = np.zeros(len(rows), dtype=[("sample_index", "int64"), ("cluster_index", "int64"),
+                                        ("amplitude", "float32"), ("segment_index", "int64")])
+    for name, column in zip(("sample_index", "cluster_index", "amplitude"), zip(*rows)):
+        spikes[name] = column
+    flagged = residual_fits(spikes, templates, window_samples=15)
+    assert spikes["sample_index"][flagged].tolist() == [500_005]
+
+
 def test_amplitude_noise_sd_is_noise_over_template_norm_on_white_noise():
     """On white noise of SD s the amplitude fitted to template t has SD s / ||t||."""
     from spikeinterface.core import NumpyRecording, Templates
@@ -274,7 +333,8 @@ def test_noise_fits_are_told_from_a_small_neurons_spikes():
 def test_noise_fits_of_a_small_neurons_template_are_removed_end_to_end(tmp_path):
     """static32's seed 3001: a 28 uV neuron on 10 uV noise, whose template circus-omp also fits
     to noise ~200 times above its 0.6 bound. The sort removes most of those fits (listed in
-    params.json); ``--keep-noise-fits`` keeps them and the unit's precision drops."""
+    params.json); ``--keep-noise-fits`` keeps them and the unit's precision drops. (Wobble, the
+    default engine, fits few of them here: its threshold is 5 noise SDs along the template.)"""
     from spikeinterface.comparison import compare_sorter_to_ground_truth
     from spikeinterface.core import load
 
@@ -284,11 +344,12 @@ def test_noise_fits_of_a_small_neurons_template_are_removed_end_to_end(tmp_path)
 
     rec, gt = generate_recording(probe="linear32", duration_s=120.0, num_units=15, seed=3001)
     rec = rec.save(folder=tmp_path / "rec", n_jobs=2, progress_bar=False)
-    cleaned = sort(rec, model=None, features="pca", out=tmp_path / "clean", report=False, job_kwargs={"n_jobs": 2})
+    cleaned = sort(rec, model=None, features="pca", matching_method="circus-omp", out=tmp_path / "clean",
+                   report=False, job_kwargs={"n_jobs": 2})
     removed = json.loads((tmp_path / "clean" / "params.json").read_text())["matching"]["noise_fits_removed"]
     assert sum(removed.values()) > 50
     argv = ["sort", str(tmp_path / "rec"), "--model", "none", "--features", "pca", "--out", str(tmp_path / "kept"),
-            "--no-report", "--keep-noise-fits", "--n-jobs", "2"]
+            "--no-report", "--matching-method", "circus-omp", "--keep-noise-fits", "--n-jobs", "2"]
     assert main(argv) == 0
     info = json.loads((tmp_path / "kept" / "params.json").read_text())
     assert info["params"]["reject_noise_fits"] is False and "noise_fits_removed" not in info["matching"]
