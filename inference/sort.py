@@ -782,7 +782,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once) and the templates go
     through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
     squared norm in noise units (25: a spike 5 noise SDs tall along its template); its refractory
-    period is the sort's. Wobble reports each spike's peak voltage, not its fitted amplitude: the
+    period is the sort's (at most a template's length). Wobble reports each spike's peak voltage, not its fitted amplitude: the
     amplitudes (scaling of the template, 1 = the template) are then fitted by SpikeInterface's
     ``amplitude_scalings`` on the unwhitened traces, collisions included, as the steps after
     matching expect.
@@ -802,7 +802,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": int(refractory_samples),
+    # wobble masks its objective over the refractory window: beyond a template's length it indexes
+    # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
+    refractory = int(min(refractory_samples, templates.num_samples - 1))
+    params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     spikes = find_spikes_from_templates(white, white_templates, method="wobble",
                                         method_kwargs={"parameters": params, "engine": "numpy"}, job_kwargs=job_kwargs)
