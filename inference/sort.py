@@ -782,10 +782,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once) and the templates go
     through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
     squared norm in noise units (25: a spike 5 noise SDs tall along its template); its refractory
-    period is the sort's (at most a template's length). Wobble reports each spike's peak voltage, not its fitted amplitude: the
-    amplitudes (scaling of the template, 1 = the template) are then fitted by SpikeInterface's
-    ``amplitude_scalings`` on the unwhitened traces, collisions included, as the steps after
-    matching expect.
+    period is the sort's (at most a template's length). Wobble reports each spike's peak voltage,
+    not its fitted amplitude: the amplitudes (scaling of the template, 1 = the template) are then
+    fitted by SpikeInterface's ``amplitude_scalings`` on the unwhitened traces, collisions
+    included, as the steps after matching expect.
     """
     from spikeinterface.core import NumpySorting, Templates
     from spikeinterface.core.sparsity import ChannelSparsity
@@ -833,13 +833,11 @@ WHITEN_RADIUS_UM = 100.0
 WOBBLE_THRESHOLD = 25.0
 #: Wobble's prior variance of a spike's amplitude around its template's (SpikeInterface's default).
 WOBBLE_AMPLITUDE_VARIANCE = 1.0
-#: Window (either side) and norm ratio of :func:`residual_fits`.
-RESIDUAL_WINDOW_MS = 0.5
 #: Floor of the per-template amplitude bound estimated from wobble's smallest fit.
 MIN_WOBBLE_BOUND = 0.05
-
-
-#: A fit is a residual candidate when a neighbour's fit has this many times its norm on its channels,
+#: :func:`residual_fits`: a fit is a candidate when a fit within this window (either side)
+RESIDUAL_WINDOW_MS = 0.5
+#: has this many times its norm on its channels,
 RESIDUAL_FACTOR = 2.0
 #: and a residual when its amplitude is this many robust SDs from its unit's other fits.
 RESIDUAL_MAX_SDS = 2.0
@@ -861,10 +859,10 @@ def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int
     ``RESIDUAL_MAX_SDS``) robust SDs (MAD) from the median of the unit's other fits.
     ``spikes`` must be sorted by sample index within each segment.
     """
-    factor = RESIDUAL_FACTOR if factor is None else factor
-    max_sds = RESIDUAL_MAX_SDS if max_sds is None else max_sds
     from scipy.stats import median_abs_deviation
 
+    factor = RESIDUAL_FACTOR if factor is None else factor
+    max_sds = RESIDUAL_MAX_SDS if max_sds is None else max_sds
     dense = templates.astype(np.float64)
     channels = (np.abs(dense).max(axis=1) > 0).astype(np.float64)  # [U, C]
     norms = np.sqrt(np.sum(dense ** 2, axis=(1, 2)))
