@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 FEATURES = ("model", "pca")
 MOTION_MODES = ("auto", True, False)
-MATCHING_METHODS = ("circus-omp", "wobble", "tdc-peeler", "nearest")
+MATCHING_METHODS = ("wobble", "circus-omp", "tdc-peeler", "nearest")  # the default first
 #: Marker file that says a folder was written by :func:`sort` (``overwrite`` only deletes those).
 PARAMS_NAME = "params.json"
 MIN_EVENTS = 50
@@ -727,13 +727,13 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
         spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
     logger.info("template matching (%s): %d spikes for %d templates", method, len(spikes), len(templates.unit_ids))
     if method in ("circus-omp", "wobble") and len(spikes):
-        moved = reassign_by_amplitude(spikes, templates.get_dense_templates(), refractory_samples=refractory_samples)
+        dense = templates.get_dense_templates()
+        moved = reassign_by_amplitude(spikes, dense, refractory_samples=refractory_samples)
         if moved:
             logger.info("template matching: %d spikes moved to a unit of the same shape whose amplitude fits them "
                         "better", moved)
         if method == "wobble":
-            residual = residual_fits(spikes, templates.get_dense_templates(),
-                                     window_samples=int(round(RESIDUAL_WINDOW_MS * fs / 1000)))
+            residual = residual_fits(spikes, dense, window_samples=int(round(RESIDUAL_WINDOW_MS * fs / 1000)))
             if residual.any():
                 logger.info("template matching: %d fits of small templates beside a larger neighbour's fit removed",
                             int(residual.sum()))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .cluster import CLUSTERERS
+from .sort import MATCHING_METHODS
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +25,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="cluster on the encoder embedding or on PCA of the same events (default: model)")
     parser.add_argument("--no-matching", dest="matching", action="store_false",
                         help="skip the final template-matching pass")
-    parser.add_argument("--matching-method", default="wobble",
-                        choices=("wobble", "circus-omp", "tdc-peeler", "nearest"),
+    parser.add_argument("--matching-method", default=MATCHING_METHODS[0], choices=MATCHING_METHODS,
                         help="SpikeInterface matching engine (default: wobble, on whitened traces)")
     parser.add_argument("--keep-noise-fits", dest="reject_noise_fits", action="store_false",
                         help="keep every wobble or circus-omp fit of low-amplitude templates (by default those their "
