@@ -16,6 +16,7 @@ nor hinders a split.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass
 
@@ -196,23 +197,16 @@ def _top_channels(template: np.ndarray, m: int) -> np.ndarray:
     return np.sort(np.argsort(energy)[::-1][:m])
 
 
-_ISOCUT = None
-
-
+@functools.cache
 def _get_isocut():
-    """SpikeInterface's numba ``isocut``, compiled with numba's on-disk cache when possible
-    (its own jit has no cache, and compiling it costs ~10 s in every new process)."""
-    global _ISOCUT
-    if _ISOCUT is None:
-        from spikeinterface.sortingcomponents.clustering.isosplit_isocut import isocut
+    """SpikeInterface's numba ``isocut``, with numba's on-disk cache on (compiling it costs
+    ~10 s in every new process)."""
+    from spikeinterface.sortingcomponents.clustering.isosplit_isocut import isocut
 
-        try:
-            import numba
+    from spikevault.jit import cache_spikeinterface_kernels
 
-            _ISOCUT = numba.njit(cache=True, nogil=True)(isocut.py_func)
-        except Exception:  # noqa: BLE001 - fall back to SpikeInterface's own (uncached) jit
-            _ISOCUT = isocut
-    return _ISOCUT
+    cache_spikeinterface_kernels()
+    return isocut
 
 
 def _isocut(x: np.ndarray) -> tuple[float, float]:

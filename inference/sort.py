@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from spikevault.jit import cache_spikeinterface_kernels
+
 from .cluster import ClusterParams, cluster_by_region
 from .curation import REJECT_REASONS, CurationParams, EventSet, curate
 
@@ -578,6 +580,7 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
     from spikeinterface.sortingcomponents.tools import check_probe_for_drift_correction
 
+    cache_spikeinterface_kernels()
     if not check_probe_for_drift_correction(rec):
         logger.info("probe geometry does not allow drift correction along depth: skipped")
         return None, None
@@ -712,6 +715,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
     from spikeinterface.sortingcomponents.matching.method_list import matching_methods
 
+    cache_spikeinterface_kernels()
     jk = dict(job_kwargs)
     jk.setdefault("chunk_duration", "250ms" if method == "circus-omp" else "1s")
     fs = rec.get_sampling_frequency()
@@ -1072,6 +1076,8 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
     """
     from spikeinterface.curation.auto_merge import auto_merge_units
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
+
+    cache_spikeinterface_kernels()
 
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
     jk["progress_bar"] = False

@@ -684,6 +684,10 @@ def iter_event_blocks(
     from spikeinterface.core.job_tools import fix_job_kwargs, job_keys
     from spikeinterface.sortingcomponents.peak_detection.method_list import detect_peak_methods
 
+    from spikevault.jit import cache_spikeinterface_kernels
+
+    cache_spikeinterface_kernels()  # the detector's kernel: compiled once per machine, not per worker
+
     fs = float(rec.get_sampling_frequency())
     jk = dict(progress_bar=False)
     for k, v in (job_kwargs or {}).items():

@@ -270,3 +270,35 @@ def test_fast_median_reference_equals_spikeinterface_cmr():
     for copy in (pickle.loads(pickle.dumps(fast)), load(fast.to_dict())):  # worker processes rebuild it
         assert isinstance(copy, FastMedianReferenceRecording)
         assert np.array_equal(copy.get_traces(start_frame=100, end_frame=900), reference[100:900])
+
+
+_NUMBA_CACHE_PROBE = """
+import json
+from spikeinterface.sortingcomponents.peak_detection import locally_exclusive
+from spikevault.extract import extract_events
+from spikevault.synth import generate_recording
+rec, _ = generate_recording(probe="linear32", duration_s=1.0, num_units=3, seed=0)
+events = extract_events(rec, recording_id="jit", job_kwargs={"n_jobs": 1})
+stats = locally_exclusive.detect_peaks_numba_locally_exclusive_on_chunk.stats
+print(json.dumps({"events": len(events["waveform"]), "hits": sum(stats.cache_hits.values()),
+                  "misses": sum(stats.cache_misses.values())}))
+"""
+
+
+def test_the_detector_kernel_is_compiled_once_then_read_from_numba_cache(tmp_path):
+    """A new process reuses the compiled peak detector from numba's on-disk cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _NUMBA_CACHE_PROBE], env=env, capture_output=True, text=True,
+                             check=True, cwd=os.getcwd())
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["events"] > 0 and runs[0]["events"] == runs[1]["events"]
+    assert runs[0]["misses"] >= 1 and runs[0]["hits"] == 0  # compiled, and written to the cache
+    assert any((tmp_path / "numba").rglob("*detect_peaks_numba_locally_exclusive_on_chunk*.nbi"))
+    assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0  # the second process read it back
