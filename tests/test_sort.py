@@ -512,7 +512,8 @@ def test_units_with_too_few_spikes_leave_the_sorting(easy, tmp_path):
         SortParams(min_unit_spikes=-1)
 
 
-def test_preprocessing_cache_is_float16_for_microvolts_and_float32_for_volts(easy):
+def test_preprocessing_cache_is_int16_in_noise_steps_for_microvolts_and_volts(easy):
+    from spikeinterface.core import NumpyRecording, get_noise_levels
     from spikeinterface.preprocessing import bandpass_filter, scale
 
     from inference.sort import _cache
@@ -520,12 +521,18 @@ def test_preprocessing_cache_is_float16_for_microvolts_and_float32_for_volts(eas
     rec, _ = easy
     prep = bandpass_filter(rec, 300, 6000).frame_slice(0, 30_000)
     exact = prep.get_traces()
-    cached = _cache(prep, "memory", JOB)
-    got = cached.get_traces()
-    assert got.dtype == np.float32
-    assert np.max(np.abs(got - exact)) <= 1e-3 * np.max(np.abs(exact))  # float16 storage
-    assert type(cached).__name__ == "AstypeRecording"
-    volts = scale(prep, gain=1e-6, dtype="float32")
-    cached_v = _cache(volts, "memory", JOB)
-    assert np.array_equal(cached_v.get_traces(), volts.get_traces())  # no float16 below its normal range
+    noise = float(np.median(get_noise_levels(prep, return_in_uV=False)))
+    for factor in (1.0, 1e-6):  # microvolts, volts: the step follows the noise
+        traces = scale(prep, gain=factor, dtype="float32")
+        cached = _cache(traces, "memory", JOB)
+        assert cached.get_dtype() == np.float32
+        assert cached.get_traces().dtype == np.float32
+        err = cached.get_traces() - exact * factor
+        assert np.max(np.abs(err)) <= 0.6 * noise * factor / 64  # about half a step of noise/64
+        assert 0 < np.std(err) < noise * factor / 100
+    big = np.zeros_like(exact)
+    big[100, 0] = 1000 * noise  # far beyond the +-500 noise range: clipped, not wrapped around
+    with_artifact = NumpyRecording(exact + big, prep.get_sampling_frequency())
+    got = _cache(with_artifact, "memory", JOB).get_traces()
+    assert 450 * noise < got[100, 0] <= 500 * noise
     assert _cache(prep, "none", JOB) is prep
