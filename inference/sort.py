@@ -849,10 +849,12 @@ RESIDUAL_WINDOW_MS = 0.5
 RESIDUAL_FACTOR = 2.0
 #: and a residual when its amplitude is this many robust SDs from its unit's other fits.
 RESIDUAL_MAX_SDS = 2.0
+#: and at least this far from their median (amplitude units; a collision blurs a real spike's fit).
+RESIDUAL_MIN_DEVIATION = 0.3
 
 
 def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int, factor: float | None = None,
-                  max_sds: float | None = None) -> np.ndarray:
+                  max_sds: float | None = None, min_deviation: float | None = None) -> np.ndarray:
     """Which matched spikes are a small template fitted to what a larger neighbour's fit left.
 
     A drifting or bending large spike is not exactly its template: the residual after its fit
@@ -864,13 +866,18 @@ def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int
     ``a_j ||t_j on channels(k)|| > factor a_k ||t_k||``. A real coincidence of two neurons is
     such a candidate too, but keeps its neuron's amplitude; a residual has any amplitude. So a
     candidate is removed only when its amplitude is more than ``max_sds`` (default
-    ``RESIDUAL_MAX_SDS``) robust SDs (MAD) from the median of the unit's other fits.
+    ``RESIDUAL_MAX_SDS``) robust SDs (MAD) from the median of the unit's other fits, and more
+    than ``min_deviation`` (default ``RESIDUAL_MIN_DEVIATION``) from it: a collision blurs the
+    amplitude fit of a real coincident spike, and a neuron with tight amplitudes lost those
+    (without it the rule removed 67 real spikes on drift64 and 100 at seed 2001; with it 35 and
+    33, while it still removes all but one of the residual fits).
     ``spikes`` must be sorted by sample index within each segment.
     """
     from scipy.stats import median_abs_deviation
 
     factor = RESIDUAL_FACTOR if factor is None else factor
     max_sds = RESIDUAL_MAX_SDS if max_sds is None else max_sds
+    min_deviation = RESIDUAL_MIN_DEVIATION if min_deviation is None else min_deviation
     dense = templates.astype(np.float64)
     channels = (np.abs(dense).max(axis=1) > 0).astype(np.float64)  # [U, C]
     norms = np.sqrt(np.sum(dense ** 2, axis=(1, 2)))
@@ -898,7 +905,7 @@ def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int
             continue
         centre = np.median(reference)
         spread = median_abs_deviation(reference, scale="normal")
-        flagged[tested] = np.abs(a[tested] - centre) > max_sds * spread
+        flagged[tested] = np.abs(a[tested] - centre) > max(max_sds * spread, min_deviation)
     return flagged
 
 

@@ -277,6 +277,7 @@ def test_residual_fits_of_a_small_template_beside_a_large_one_are_removed():
     rows = [(s, 1, a) for s, a in zip(own, rng.normal(1.0, 0.08, len(own)))]
     rows += [(500_000, 0, 1.0), (500_005, 1, 0.45)]   # residual: beside the big fit, amplitude 0.45
     rows += [(600_000, 0, 1.0), (600_010, 1, 1.02)]   # a coincidence at the neuron's own amplitude
+    rows += [(650_000, 0, 1.0), (650_006, 1, 0.75)]   # a coincidence, amplitude blurred: 3 SDs, < 0.3
     rows += [(700_000, 2, 1.0), (700_004, 1, 0.4)]    # beside a large fit on other channels
     rows.sort()
     spikes = np.zeros(len(rows), dtype=[("sample_index", "int64"), ("cluster_index", "int64"),
