@@ -752,6 +752,10 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
         if reject_noise:
             noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
             keep = np.ones(len(spikes), dtype=bool)
+            # wobble: a fit beside another one is the residual rule's business; a collision blurs
+            # its amplitude fit, and the noise test took real coincident spikes for noise
+            crowded = (_crowded(spikes, int(round(RESIDUAL_WINDOW_MS * fs / 1000))) if method == "wobble"
+                       else np.zeros(len(spikes), dtype=bool))
             removed = {}
             tested = {}
             for k in range(len(templates.unit_ids)):
@@ -765,7 +769,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
                 if bound / noise_sd[k] >= NOISE_TEST_MAX_SDS:
                     continue
                 tested[str(templates.unit_ids[k])] = round(float(noise_sd[k]), 4)
-                noise = noise_fits(amps, noise_sd[k], min_amplitude=bound)
+                noise = noise_fits(amps, noise_sd[k], min_amplitude=bound) & ~crowded[sel]
                 if noise.any():
                     keep[sel[noise]] = False
                     removed[str(templates.unit_ids[k])] = int(noise.sum())
@@ -851,6 +855,23 @@ RESIDUAL_FACTOR = 2.0
 RESIDUAL_MAX_SDS = 2.0
 #: and at least this far from their median (amplitude units; a collision blurs a real spike's fit).
 RESIDUAL_MIN_DEVIATION = 0.3
+
+
+def _crowded(spikes: np.ndarray, window_samples: int) -> np.ndarray:
+    """Which spikes have another spike (any unit, same segment) within ``window_samples``.
+
+    ``spikes`` must be sorted by sample index within each segment.
+    """
+    t = spikes["sample_index"].astype(np.int64)
+    seg = spikes["segment_index"] if "segment_index" in spikes.dtype.names else np.zeros(len(t), np.int64)
+    crowded = np.zeros(len(t), dtype=bool)
+    for shift in range(1, len(t)):
+        near = (t[shift:] - t[:-shift] <= window_samples) & (seg[shift:] == seg[:-shift])
+        if not near.any():
+            break
+        crowded[:-shift] |= near
+        crowded[shift:] |= near
+    return crowded
 
 
 def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int, factor: float | None = None,

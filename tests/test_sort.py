@@ -288,6 +288,19 @@ def test_residual_fits_of_a_small_template_beside_a_large_one_are_removed():
     assert spikes["sample_index"][flagged].tolist() == [500_005]
 
 
+def test_crowded_fits_are_those_with_another_fit_within_the_window_in_their_segment():
+    """The noise test leaves wobble's fits that sit beside another fit to the residual rule."""
+    from inference.sort import _crowded
+
+    spikes = np.zeros(6, dtype=[("sample_index", "int64"), ("segment_index", "int64")])
+    spikes["sample_index"] = [100, 110, 200, 400, 5, 408]
+    spikes["segment_index"] = [0, 0, 0, 0, 1, 1]
+    spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
+    assert _crowded(spikes, 15).tolist() == [True, True, False, False, False, False]
+    assert _crowded(spikes, 10).tolist() == [True, True, False, False, False, False]
+    assert _crowded(spikes, 9).tolist() == [False] * 6
+
+
 def test_amplitude_noise_sd_is_noise_over_template_norm_on_white_noise():
     """On white noise of SD s the amplitude fitted to template t has SD s / ||t||."""
     from spikeinterface.core import NumpyRecording, Templates
