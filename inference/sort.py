@@ -616,7 +616,7 @@ def _cache(rec, mode: str, job_kwargs: dict):
     """The preprocessed recording held in RAM: one filtering pass instead of one per stage.
 
     The traces are quantised to int16 in steps of 1/``_CACHE_STEPS_PER_NOISE`` of the median
-    channel noise (rounding error about noise/220; the range, +-32767 steps, is +-500 noise
+    channel noise (rounding error about noise/220; the range, +-32000 steps, is +-500 noise
     units, and the rare sample beyond is clipped) and read back as float32 through a lazy
     ``scale``. Int16 halves the memory, and reading it back costs a tenth of a float16
     conversion, which the later passes (motion, templates, matching) pay on every chunk. The

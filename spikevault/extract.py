@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .jit import cache_spikeinterface_kernels
 from .schema import DEFAULT_SCHEMA, EventSchema, concat_blocks, slice_block
 
 logger = logging.getLogger(__name__)
@@ -683,8 +684,6 @@ def iter_event_blocks(
     from spikeinterface.core import get_noise_levels
     from spikeinterface.core.job_tools import fix_job_kwargs, job_keys
     from spikeinterface.sortingcomponents.peak_detection.method_list import detect_peak_methods
-
-    from spikevault.jit import cache_spikeinterface_kernels
 
     cache_spikeinterface_kernels()  # the detector's kernel: compiled once per machine, not per worker
 

@@ -34,6 +34,7 @@ def cache_spikeinterface_kernels() -> int:
         if module is None or not (name == "spikeinterface" or name.startswith("spikeinterface.")):
             continue
         for obj in list(vars(module).values()):
+            # enable_caching() is what numba's own ``@jit(cache=True)`` calls on a new dispatcher
             if isinstance(obj, Dispatcher) and isinstance(obj._cache, NullCache):
                 try:
                     obj.enable_caching()
