@@ -729,6 +729,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     jk.setdefault("chunk_duration", "250ms" if method == "circus-omp" else "1s")
     fs = rec.get_sampling_frequency()
     refractory_samples = int(round(refractory_ms * fs / 1000))
+    residual_window = int(round(RESIDUAL_WINDOW_MS * fs / 1000))
     if method == "wobble":
         spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels)
     else:
@@ -746,7 +747,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
             logger.info("template matching: %d spikes moved to a unit of the same shape whose amplitude fits them "
                         "better", moved)
         if method == "wobble":
-            residual = residual_fits(spikes, dense, window_samples=int(round(RESIDUAL_WINDOW_MS * fs / 1000)))
+            residual = residual_fits(spikes, dense, window_samples=residual_window)
             if residual.any():
                 logger.info("template matching: %d fits of small templates beside a larger neighbour's fit removed",
                             int(residual.sum()))
@@ -759,7 +760,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
             keep = np.ones(len(spikes), dtype=bool)
             # wobble: a fit beside another one is the residual rule's business; a collision blurs
             # its amplitude fit, and the noise test took real coincident spikes for noise
-            crowded = (_crowded(spikes, int(round(RESIDUAL_WINDOW_MS * fs / 1000))) if method == "wobble"
+            crowded = (_crowded(spikes, residual_window) if method == "wobble"
                        else np.zeros(len(spikes), dtype=bool))
             removed = {}
             tested = {}
@@ -862,20 +863,28 @@ RESIDUAL_MAX_SDS = 2.0
 RESIDUAL_MIN_DEVIATION = 0.3
 
 
+def _near_pairs(spikes: np.ndarray, window_samples: int):
+    """Yield ``(first, second)`` index arrays of every pair of spikes (any unit, same segment) at
+    most ``window_samples`` apart, ``first`` the earlier. ``spikes`` must be sorted by sample
+    index within each segment."""
+    t = spikes["sample_index"].astype(np.int64)
+    seg = spikes["segment_index"] if "segment_index" in spikes.dtype.names else np.zeros(len(t), np.int64)
+    for shift in range(1, len(t)):
+        near = np.flatnonzero((t[shift:] - t[:-shift] <= window_samples) & (seg[shift:] == seg[:-shift]))
+        if len(near) == 0:
+            break
+        yield near, near + shift
+
+
 def _crowded(spikes: np.ndarray, window_samples: int) -> np.ndarray:
     """Which spikes have another spike (any unit, same segment) within ``window_samples``.
 
     ``spikes`` must be sorted by sample index within each segment.
     """
-    t = spikes["sample_index"].astype(np.int64)
-    seg = spikes["segment_index"] if "segment_index" in spikes.dtype.names else np.zeros(len(t), np.int64)
-    crowded = np.zeros(len(t), dtype=bool)
-    for shift in range(1, len(t)):
-        near = (t[shift:] - t[:-shift] <= window_samples) & (seg[shift:] == seg[:-shift])
-        if not near.any():
-            break
-        crowded[:-shift] |= near
-        crowded[shift:] |= near
+    crowded = np.zeros(len(spikes), dtype=bool)
+    for first, second in _near_pairs(spikes, window_samples):
+        crowded[first] = True
+        crowded[second] = True
     return crowded
 
 
@@ -909,19 +918,13 @@ def residual_fits(spikes: np.ndarray, templates: np.ndarray, window_samples: int
     norms = np.sqrt(np.sum(dense ** 2, axis=(1, 2)))
     # on_k[k, j]: norm of template j on the channels of template k, over the norm of k
     on_k = np.sqrt(np.einsum("jtc,kc->kj", dense ** 2, channels)) / np.maximum(norms, 1e-12)[:, None]
-    t = spikes["sample_index"].astype(np.int64)
-    seg = spikes["segment_index"] if "segment_index" in spikes.dtype.names else np.zeros(len(t), np.int64)
     k = spikes["cluster_index"]
     a = spikes["amplitude"].astype(np.float64)
-    candidate = np.zeros(len(t), dtype=bool)
-    for shift in range(1, len(t)):
-        near = (t[shift:] - t[:-shift] <= window_samples) & (seg[shift:] == seg[:-shift])
-        if not near.any():
-            break
-        first, second = np.flatnonzero(near), np.flatnonzero(near) + shift
+    candidate = np.zeros(len(spikes), dtype=bool)
+    for first, second in _near_pairs(spikes, window_samples):
         candidate[first] |= a[second] * on_k[k[first], k[second]] > factor * a[first]
         candidate[second] |= a[first] * on_k[k[second], k[first]] > factor * a[second]
-    flagged = np.zeros(len(t), dtype=bool)
+    flagged = np.zeros(len(spikes), dtype=bool)
     for unit in np.unique(k[candidate]):
         mine = k == unit
         reference = a[mine & ~candidate]
