@@ -11,6 +11,7 @@ numba's user-wide cache folder (``NUMBA_CACHE_DIR`` moves it).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 
@@ -34,6 +35,14 @@ def cache_spikeinterface_kernels() -> int:
         if module is None or not (name == "spikeinterface" or name.startswith("spikeinterface.")):
             continue
         for obj in list(vars(module).values()):
+            if _is_lazy_kernel_getter(obj):
+                # SpikeInterface builds some kernels on first use (the spike-vector tools) and
+                # keeps them on the getter: build them now so their compilation is cached too
+                try:
+                    obj = obj()
+                except Exception as err:  # noqa: BLE001 - a getter that needs more than it had
+                    logger.debug("numba kernel getter %s failed: %s", obj.__qualname__, err)
+                    continue
             # enable_caching() is what numba's own ``@jit(cache=True)`` calls on a new dispatcher
             if isinstance(obj, Dispatcher) and isinstance(obj._cache, NullCache):
                 try:
@@ -43,3 +52,10 @@ def cache_spikeinterface_kernels() -> int:
                     continue
                 switched += 1
     return switched
+
+
+def _is_lazy_kernel_getter(obj) -> bool:
+    """SpikeInterface's ``get_numba_*()`` functions, which jit a kernel on their first call and
+    return it (cached on the function, ``_cached_numba_function``) from then on."""
+    return (inspect.isfunction(obj) and obj.__name__.startswith("get_numba_")
+            and not inspect.signature(obj).parameters)
