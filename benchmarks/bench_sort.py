@@ -6,7 +6,10 @@ Cases (generated ground truth, seeds the embedded model never saw):
 * ``drift64``: 64-channel dense probe, 300 s, 30 units, zigzag drift of +-20 um
   (spikeinterface.generation.generate_drifting_recording);
 * ``np384`` (only with ``--cases``): a 384-channel Neuropixels-like probe, 60 s, 40 units, static
-  (spikevault.synth), a probe geometry absent from the model's corpora.
+  (spikevault.synth), a probe geometry absent from the model's corpora;
+* ``si32`` (only with ``--cases``): SpikeInterface's own static generator
+  (``generate_ground_truth_recording``, its defaults: 2-column probe, templates, amplitudes down to
+  below the noise), 32 channels, 120 s, 20 units: ground truth made by code that is not ours.
 
 Sorters: ``spikevault`` (the model), ``spikevault-pca`` (same pipeline, PCA features),
 ``pca-kmeans`` (PCA of the same detected events + KMeans with BIC-chosen k, no curation or
@@ -45,6 +48,7 @@ CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=120.0, num_units=15, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=300.0, num_units=30, seed=1002),
     "np384": dict(kind="static", probe="neuropixels", duration_s=60.0, num_units=40, seed=9001),
+    "si32": dict(kind="si-static", num_channels=32, duration_s=120.0, num_units=20, seed=12),
 }
 #: Cases run without ``--cases``.
 DEFAULT_CASES = ("static32", "drift64")
@@ -52,6 +56,7 @@ QUICK_CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=20.0, num_units=8, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=60.0, num_units=10, seed=1002),
     "np384": dict(kind="static", probe="neuropixels", duration_s=10.0, num_units=20, seed=9001),
+    "si32": dict(kind="si-static", num_channels=32, duration_s=20.0, num_units=10, seed=12),
 }
 
 
@@ -69,6 +74,12 @@ def make_case(name: str, spec: dict, folder: Path, n_jobs: int) -> Path:
 
         rec, gt = generate_recording(probe=spec["probe"], duration_s=spec["duration_s"], num_units=spec["num_units"],
                                      seed=spec["seed"])
+    elif spec["kind"] == "si-static":
+        from spikeinterface.core import generate_ground_truth_recording
+
+        rec, gt = generate_ground_truth_recording(durations=[spec["duration_s"]], sampling_frequency=30_000.0,
+                                                  num_channels=spec["num_channels"], num_units=spec["num_units"],
+                                                  seed=spec["seed"])
     else:
         from spikeinterface.generation import generate_drifting_recording
 
