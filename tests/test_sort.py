@@ -288,6 +288,47 @@ def test_residual_fits_of_a_small_template_beside_a_large_one_are_removed():
     assert spikes["sample_index"][flagged].tolist() == [500_005]
 
 
+def test_residual_fits_need_more_coincidences_than_chance():
+    """Two independent neurons coincide by chance, and a collision blurs the small one's amplitude
+    fits: those stay. The same small template fitted beside most of the large neuron's spikes (far
+    more often than chance) is a residual: those go."""
+    from inference.sort import residual_fits
+
+    t = np.arange(60)
+    bump = -np.exp(-0.5 * ((t - 20) / 2.0) ** 2)[:, None]
+    big = 200 * bump * np.array([1.0, 0.6, 0.2, 0.0])
+    small = 30 * bump * np.array([0.5, 1.0, 0.4, 0.0])
+    templates = np.stack([big, small]).astype(np.float32)
+    rng = np.random.default_rng(1)
+    num_samples = 3_000_000
+    big_times = np.sort(rng.choice(num_samples - 100, 1500, replace=False))
+    small_times = np.sort(rng.choice(num_samples - 100, 1500, replace=False))
+
+    def spikes_of(rows):
+        rows.sort()
+        out = np.zeros(len(rows), dtype=[("sample_index", "int64"), ("cluster_index", "int64"),
+                                         ("amplitude", "float32"), ("segment_index", "int64")])
+        for name, column in zip(("sample_index", "cluster_index", "amplitude"), zip(*rows)):
+            out[name] = column
+        return out
+
+    rows = [(int(s), 0, 1.0) for s in big_times] + [(int(s), 1, float(rng.normal(1.0, 0.05))) for s in small_times]
+    independent = spikes_of(list(rows))
+    near = np.abs(independent["sample_index"][:, None] - big_times[None, :]).min(axis=1) <= 15
+    blurred = (independent["cluster_index"] == 1) & near
+    assert blurred.sum() >= 5  # chance coincidences, about 1500 * 1500 * 31 / 3e6 = 23
+    independent["amplitude"][blurred] = 0.3  # what a collision does to the amplitude fit
+    assert not residual_fits(independent, templates, window_samples=15, num_samples=num_samples).any()
+
+    residuals = [(int(s) + 4, 1, float(rng.uniform(0.1, 0.5))) for s in big_times[::2]]
+    with_residuals = spikes_of(rows + residuals)
+    flagged = residual_fits(with_residuals, templates, window_samples=15, num_samples=num_samples)
+    is_residual = np.isin(with_residuals["sample_index"], [r[0] for r in residuals]) & (
+        with_residuals["cluster_index"] == 1)
+    assert flagged[is_residual].mean() > 0.95
+    assert flagged[~is_residual].sum() <= 3
+
+
 def test_crowded_fits_are_those_with_another_fit_within_the_window_in_their_segment():
     """The noise test leaves wobble's fits that sit beside another fit to the residual rule."""
     from inference.sort import _crowded
