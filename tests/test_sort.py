@@ -434,7 +434,8 @@ def test_single_wire_two_neurons_of_one_shape():
 @pytest.mark.slow
 def test_drift_is_detected_estimated_and_corrected(tmp_path):
     """A drifting dense probe: 'auto' finds the drift (close to the generator's +-20 um) and sorts
-    the motion-corrected traces well; the static twin (same units, no drift) is left alone."""
+    the motion-corrected traces well; the static twin (same units, no drift) is left alone, and
+    the cheap screening estimate alone says so."""
     from spikevault.extract import ExtractParams, extract_events, preprocess
     from spikevault.synth import generate_recording
 
@@ -444,7 +445,7 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     rec, gt = generate_recording(drift_amplitude_um=20.0, drift_period_s=20.0, **kw)
     sorting = sort(rec, model=None, features="pca", out=tmp_path / "drift", report=False, job_kwargs=JOB)
     motion = json.loads((tmp_path / "drift" / "params.json").read_text())["motion"]
-    assert motion["mode"] == "auto" and motion["applied"]
+    assert motion["mode"] == "auto" and motion["applied"] and not motion["screened_out"]
     assert 12.0 < motion["max_displacement_um"] < 30.0  # zigzag +-20 um; the estimate is centred
     assert _accuracy(gt, sorting) > 0.8
 
@@ -453,6 +454,8 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     events = extract_events(prep, params=ExtractParams(), recording_id="static", preprocessed=True, job_kwargs=JOB)
     _, max_disp = estimate_drift(prep, events, _channel_index(events, prep), JOB)
     assert max_disp < 10.0  # below SortParams.drift_threshold_um: 'auto' does not correct it
+    motion, screened = estimate_drift(prep, events, _channel_index(events, prep), JOB, screen_below_um=5.0)
+    assert motion is None and screened < 5.0  # the cheap screen alone settles it
 
 
 def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
