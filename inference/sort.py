@@ -6,8 +6,9 @@
     preprocess          bandpass + common median reference, the model's own parameters
     detect + extract    spikevault.extract.extract_events: the corpus builder's code path
     localise            centre of mass of each event's K channels (SpikeInterface's method)
-    motion              dense probes: grid_convolution localisation + dredge_ap (rigid on short probes)
-                        on those peaks; interpolate_motion (kriging) + re-extraction when drift is found
+    motion              dense probes: dredge_ap (rigid on short probes) on centre-of-mass positions
+                        screens for drift, then on grid_convolution positions estimates it;
+                        interpolate_motion (kriging) + re-extraction when drift is found
     embed               the encoder in batches (or PCA, the ablation)
     cluster             embedding + position, per probe region, in parallel
     curate              split / merge until unimodal and distinct, reject noise clusters
