@@ -119,7 +119,8 @@ class SortParams:
     motion_correction: Any = "auto"
     """'auto' (correct when estimated drift exceeds drift_threshold_um), True or False."""
     drift_threshold_um: float = 10.0
-    """'auto' applies motion correction when the estimated displacement exceeds this."""
+    """'auto' applies motion correction when the estimated displacement exceeds this (a cheap
+    screening estimate within half of it settles that the recording is static)."""
     min_duration_for_motion_s: float = 30.0
     """'auto' only estimates motion on recordings at least this long."""
     position_scale_um: float = 12.0
