@@ -123,6 +123,12 @@ class SortParams:
     screening estimate within half of it settles that the recording is static)."""
     min_duration_for_motion_s: float = 30.0
     """'auto' only estimates motion on recordings at least this long."""
+    drifting_templates: bool = True
+    """With motion correction, wobble and a rigid motion (probes shorter than 800 um): the matching
+    pass moves the templates with the motion over the recorded traces instead of matching the
+    interpolated ones (:mod:`inference.drift_matching`), and the templates are estimated from the
+    recorded traces in the probe's rest frame, beyond its ends where the drift carried neurons.
+    Interpolated traces lose what drifted past the probe's ends."""
     position_scale_um: float = 12.0
     """Clustering weight of position: this many micrometres count as one SD of an embedding dim."""
     pca_components: int = 10
@@ -344,6 +350,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     tick("localize_s")
 
     motion_info = {"mode": str(p.motion_correction), "applied": False}
+    recorded, applied_motion = rec, None
     if estimate_motion:
         # 'auto' screens with a cheap estimate first; a forced correction always gets the full one
         screen = p.drift_threshold_um * DRIFT_SCREEN_FRACTION if p.motion_correction == "auto" else None
@@ -363,6 +370,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             channel_index = _channel_index(events, rec)
             positions = localize_events(events, rec.get_channel_locations(), channel_index)
             motion_info["applied"] = True
+            applied_motion = motion
         tick("motion_s")
     info["motion"] = motion_info
 
@@ -398,13 +406,19 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         sorting = NumpySorting.from_samples_and_labels([np.zeros(0, "int64")] * recording.get_num_segments(),
                                                        [np.zeros(0, "int64")] * recording.get_num_segments(), fs)
     else:
-        templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
+        drift = None
+        if (applied_motion is not None and p.drifting_templates and p.matching and p.matching_method == "wobble"
+                and len(applied_motion.spatial_bins_um) == 1):
+            templates, drift = make_registered_templates(recorded, applied_motion, events, labels, p, noise, job_kwargs)
+            motion_info["drifting_templates"] = True
+        else:
+            templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
         tick("templates_s")
         if p.matching:
             mstats: dict = {}
             sorting = match_templates(rec, templates, p.matching_method, job_kwargs, noise_levels=noise,
                                       refractory_ms=p.refractory_ms, reject_noise=p.reject_noise_fits, seed=p.seed,
-                                      stats=mstats)
+                                      stats=mstats, drift=drift)
             info["matching"] = {"method": p.matching_method, **mstats}
             tick("matching_s")
         else:
@@ -700,16 +714,10 @@ def _noise_levels(rec, job_kwargs) -> np.ndarray:
     return np.where(noise > 0, noise, 1.0).astype(np.float64)
 
 
-def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job_kwargs):
-    """Sparse SpikeInterface ``Templates`` of the curated units, from the preprocessed traces."""
-    from spikeinterface.core import Templates
-    from spikeinterface.core.sparsity import ChannelSparsity
-    from spikeinterface.core.waveform_tools import estimate_templates
-
+def _template_spikes(rec, events, labels, p: SortParams, nbefore: int, nafter: int):
+    """The curated units and a spike vector of (at most ``max_spikes_per_template`` random)
+    events of each, whose template window fits in the recording."""
     rng = np.random.default_rng(p.seed)
-    fs = rec.get_sampling_frequency()
-    nbefore = int(round(p.template_ms_before * fs / 1000))
-    nafter = int(round(p.template_ms_after * fs / 1000))
     units = np.unique(labels[labels >= 0])
     keep = []
     for u in units:
@@ -725,27 +733,88 @@ def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job
     spikes["sample_index"] = events["sample_index"][keep]
     spikes["unit_index"] = np.searchsorted(units, labels[keep])
     spikes["segment_index"] = events["segment"][keep]
-    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
-    arr = estimate_templates(rec, spikes, np.arange(len(units)), nbefore, nafter, return_in_uV=False, **jk)
-    locations = rec.get_channel_locations()[:, :2]
+    return units, spikes
+
+
+def _template_mask(arr: np.ndarray, locations: np.ndarray, noise: np.ndarray, radius_um: float) -> np.ndarray:
+    """Channels of each dense template [units, samples, channels]: within ``radius_um`` of its
+    peak channel and at least the noise peak to peak (the peak channel always)."""
     peak_ch = np.argmax(np.ptp(arr, axis=1), axis=1)
     dist = np.linalg.norm(locations[peak_ch][:, None, :] - locations[None, :, :], axis=2)
     snr = np.ptp(arr, axis=1) / noise[None, :]
-    mask = (dist <= p.template_radius_um) & (snr >= 1.0)
-    mask[np.arange(len(units)), peak_ch] = True
-    dense = Templates(templates_array=arr.astype(np.float32), sampling_frequency=fs, nbefore=nbefore,
-                      is_in_uV=True, sparsity_mask=None, channel_ids=rec.channel_ids, unit_ids=units,
+    mask = (dist <= radius_um) & (snr >= 1.0)
+    mask[np.arange(len(arr)), peak_ch] = True
+    return mask
+
+
+def _sparse_templates(arr, units, rec, noise, p: SortParams, nbefore: int):
+    from spikeinterface.core import Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
+
+    mask = _template_mask(arr, rec.get_channel_locations()[:, :2], noise, p.template_radius_um)
+    dense = Templates(templates_array=arr.astype(np.float32), sampling_frequency=rec.get_sampling_frequency(),
+                      nbefore=nbefore, is_in_uV=True, sparsity_mask=None, channel_ids=rec.channel_ids, unit_ids=units,
                       probe=rec.get_probe() if rec.has_probe() else None)
     return dense.to_sparse(ChannelSparsity(mask, units, rec.channel_ids))
 
 
+def _template_window(rec, p: SortParams) -> tuple[int, int]:
+    fs = rec.get_sampling_frequency()
+    return int(round(p.template_ms_before * fs / 1000)), int(round(p.template_ms_after * fs / 1000))
+
+
+def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job_kwargs):
+    """Sparse SpikeInterface ``Templates`` of the curated units, from the preprocessed traces."""
+    from spikeinterface.core.waveform_tools import estimate_templates
+
+    nbefore, nafter = _template_window(rec, p)
+    units, spikes = _template_spikes(rec, events, labels, p, nbefore, nafter)
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
+    arr = estimate_templates(rec, spikes, np.arange(len(units)), nbefore, nafter, return_in_uV=False, **jk)
+    return _sparse_templates(arr, units, rec, noise, p, nbefore)
+
+
+def make_registered_templates(recorded, motion, events, labels, p: SortParams, noise, job_kwargs):
+    """Rest-frame templates of the curated units from the recorded (not motion-corrected) traces
+    (:func:`inference.drift_matching.registered_templates`) -> (sparse ``Templates`` on the
+    contacts, :class:`DriftInfo` for the matching pass)."""
+    from .drift_matching import registered_templates
+
+    nbefore, nafter = _template_window(recorded, p)
+    units, spikes = _template_spikes(recorded, events, labels, p, nbefore, nafter)
+    dense, locations, real, _ = registered_templates(
+        recorded, motion, spikes["sample_index"], spikes["unit_index"], spikes["segment_index"], len(units), nbefore,
+        nafter, DRIFT_STEP_UM, job_kwargs)
+    templates = _sparse_templates(dense[:, :, real], units, recorded, noise, p, nbefore)
+    return templates, DriftInfo(recorded, motion, dense, locations, p.template_radius_um)
+
+
+#: Displacement step of the drifting templates (um): wobble's precomputation runs once per step.
+DRIFT_STEP_UM = 2.0
+
+
+@dataclass
+class DriftInfo:
+    """What the matching pass needs to move the templates with the motion: the recorded
+    (preprocessed, not corrected) traces, the rigid motion, the rest-frame templates on the
+    extended locations, and the template radius for their channel masks."""
+
+    recording: Any
+    motion: Any
+    dense: np.ndarray
+    locations: np.ndarray
+    radius_um: float
+
+
 def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None,
-                    refractory_ms: float = 1.5, reject_noise: bool = True, seed: int = 0, stats: dict | None = None):
+                    refractory_ms: float = 1.5, reject_noise: bool = True, seed: int = 0, stats: dict | None = None,
+                    drift: DriftInfo | None = None):
     """Run SpikeInterface template matching over the whole recording -> NumpySorting.
 
     ``noise_levels`` (per channel, the traces' units) go to the engines that need them
     ('tdc-peeler', 'nearest'); they are measured here when not given. 'wobble' runs on whitened
-    traces and its amplitudes are refitted (:func:`_wobble`). After wobble or circus-omp, spikes
+    traces and its amplitudes are refitted (:func:`_wobble`); with ``drift`` (wobble only) its
+    templates follow the motion over the recorded traces. After wobble or circus-omp, spikes
     of same-shape templates go to the unit whose amplitude fits them (:func:`reassign_by_amplitude`,
     never within ``refractory_ms`` of that unit's own spikes), and, with ``reject_noise``, the fits
     of low-amplitude templates that are more likely noise than spikes are removed
@@ -762,7 +831,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     refractory_samples = int(round(refractory_ms * fs / 1000))
     residual_window = int(round(RESIDUAL_WINDOW_MS * fs / 1000))
     if method == "wobble":
-        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels)
+        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels, drift=drift)
     else:
         method_kwargs = {}
         if getattr(matching_methods[method], "need_noise_levels", False):
@@ -825,7 +894,8 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     return sorting
 
 
-def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels) -> np.ndarray:
+def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels,
+            drift: DriftInfo | None = None) -> np.ndarray:
     """SpikeInterface's wobble matching on spatially whitened traces; amplitudes as scalings.
 
     Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
@@ -836,6 +906,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     not its fitted amplitude: the amplitudes (scaling of the template, 1 = the template) are then
     fitted by SpikeInterface's ``amplitude_scalings`` on the unwhitened traces, collisions
     included, as the steps after matching expect.
+
+    With ``drift``, wobble runs on the recorded traces, whitened, and each 1 s chunk with the
+    templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`,
+    which refits the amplitudes itself, jointly, on the unwhitened traces with the moved templates).
     """
     from spikeinterface.core import NumpySorting, Templates
     from spikeinterface.core.sparsity import ChannelSparsity
@@ -843,6 +917,13 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
 
+    # wobble masks its objective over the refractory window: beyond a template's length it indexes
+    # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
+    refractory = int(min(refractory_samples, templates.num_samples - 1))
+    params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
+              "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
+    if drift is not None:
+        return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels)
     white = whiten(rec, dtype="float32", mode="local", radius_um=WHITEN_RADIUS_UM, seed=0)
     matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
     mask = (templates.sparsity.mask if templates.sparsity is not None
@@ -852,11 +933,6 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    # wobble masks its objective over the refractory window: beyond a template's length it indexes
-    # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
-    refractory = int(min(refractory_samples, templates.num_samples - 1))
-    params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
-              "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     spikes = find_spikes_from_templates(white, white_templates, method="wobble",
                                         method_kwargs={"parameters": params, "engine": "numpy"}, job_kwargs=job_kwargs)
     spikes = spikes[spikes["cluster_index"] >= 0]
@@ -875,6 +951,33 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     ordered = sorting.to_spike_vector()
     spikes["amplitude"] = scalings[np.lexsort((ordered["unit_index"], ordered["sample_index"], ordered["segment_index"]))]
     return spikes
+
+
+def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels) -> np.ndarray:
+    """Wobble with the templates following the motion over the recorded traces (whitened)."""
+    from spikeinterface.core.node_pipeline import run_node_pipeline
+    from spikeinterface.preprocessing import whiten
+
+    from .drift_matching import DriftingWobble
+
+    white = whiten(drift.recording, dtype="float32", mode="local", radius_um=WHITEN_RADIUS_UM, seed=0)
+    matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
+    locations = drift.recording.get_channel_locations()[:, :2]
+    noise = (_noise_levels(drift.recording, job_kwargs) if noise_levels is None else np.asarray(noise_levels))
+
+    def sparsity(dense):
+        return _template_mask(dense, locations, noise, drift.radius_um)
+
+    node = DriftingWobble(white, templates, motion=drift.motion, whitening=matrix, sparsity=sparsity,
+                          step_um=DRIFT_STEP_UM, parameters=params, source=(drift.dense, drift.locations),
+                          min_norm_sq=WOBBLE_THRESHOLD)
+    try:
+        spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
+                                   squeeze_output=True, names=["spikes"])
+    finally:
+        node.clean()
+    spikes = spikes[spikes["cluster_index"] >= 0]
+    return spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
 
 
 #: Radius of the local whitening before wobble (SpikeInterface's default, as Lupin uses).

@@ -1,0 +1,299 @@
+"""Template matching whose templates follow the estimated motion; the traces stay as recorded.
+
+Correcting the traces for drift (SpikeInterface's ``interpolate_motion``) loses what moved past
+the probe's ends: when the tissue has moved by ``d``, the corrected trace of a contact within
+``|d|`` of the end is the recorded signal at a place no contact covers, and extrapolation fills
+it with the nearest contacts' signal. A neuron near that end then looks, in the corrected
+traces, like a smaller neuron further out, and matching gave its spikes to that neuron's
+template (drift64: two neurons at the bottom of the probe lost 0.47 and 1.00 of their spikes
+during the drift's far end, one to the other).
+
+Moving the templates instead loses nothing the probe recorded: at time ``t`` a neuron's
+template on contact ``c`` is its rest-frame template at ``c - d(t)`` (kriging, as the trace
+correction), which stays inside the probe for a neuron moving off it; where it falls outside
+(a neuron moving onto the probe from beyond its end) the moved template is zero there and the
+match ignores that contact. Wobble's precomputation runs once per displacement on a grid
+(``step_um``); each chunk of the recording (1 s) is matched with the grid point nearest the
+displacement at its centre.
+
+The motion must be rigid (one displacement for the whole probe at a time): the correction of
+long probes, whose drift differs along the probe, keeps interpolating the traces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from spikeinterface.sortingcomponents.matching.base import BaseTemplateMatching
+
+
+def moved_templates(dense: np.ndarray, source_locations: np.ndarray, channel_locations: np.ndarray,
+                    displacement_um: float, dim: int = 1, sigma_um: float = 20.0, p: int = 2) -> np.ndarray:
+    """Dense templates ``[units, samples, channels]`` on the contacts ``channel_locations`` after
+    the tissue moved by ``displacement_um`` along ``dim``: the rest-frame templates, given at
+    ``source_locations``, at each contact's location minus the displacement (kriging; zero where
+    that location is beyond the source locations)."""
+    from spikeinterface.preprocessing import get_spatial_interpolation_kernel
+
+    target = np.array(channel_locations, dtype=np.float64, copy=True)
+    target[:, dim] -= displacement_um
+    kernel = get_spatial_interpolation_kernel(np.asarray(source_locations, np.float64), target, method="kriging",
+                                              sigma_um=sigma_um, p=p, dtype="float32", force_extrapolate=False)
+    return (dense.astype(np.float32) @ kernel).astype(np.float32)
+
+
+def extended_locations(channel_locations: np.ndarray, margin_um: float, dim: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The contacts plus copies of them shifted along ``dim`` by multiples of the probe's pitch,
+    covering ``margin_um`` beyond both ends: the places a drifting neuron's rest-frame template
+    can be known at. Returns (locations [n, 2], index of each real contact in them)."""
+    loc = np.asarray(channel_locations, dtype=np.float64)[:, :2]
+    depths = np.unique(np.round(loc[:, dim], 3))
+    pitch = float(np.median(np.diff(depths))) if len(depths) > 1 else max(margin_um, 1.0)
+    span = float(depths[-1] - depths[0])
+    steps = int(np.ceil(margin_um / pitch)) + 1 if pitch > 0 else 0
+    points = {tuple(np.round(x, 3)): None for x in loc}
+    for k in range(1, steps + 1):
+        for sign in (-1, 1):
+            shifted = loc.copy()
+            shifted[:, dim] += sign * (span + k * pitch)
+            for x in shifted:  # whole copies of the probe beyond each end, the nearest rows kept
+                if depths[0] - margin_um - 1e-6 <= x[dim] < depths[0] - 1e-6 \
+                        or depths[-1] + 1e-6 < x[dim] <= depths[-1] + margin_um + 1e-6:
+                    points.setdefault(tuple(np.round(x, 3)), None)
+    ext = np.array(list(points), dtype=np.float64)
+    return ext, np.arange(len(loc))
+
+
+def registered_templates(rec, motion, sample_index: np.ndarray, unit_index: np.ndarray, segment_index: np.ndarray,
+                         num_units: int, nbefore: int, nafter: int, step_um: float, job_kwargs: dict,
+                         min_spikes: int = 50, sigma_um: float = 20.0, p: int = 2):
+    """Rest-frame templates on the probe extended beyond its ends, from the recorded traces.
+
+    Each spike is read from ``rec`` (not motion corrected) and binned by the displacement at its
+    time (``step_um`` grid); SpikeInterface's ``estimate_templates`` averages every (unit, bin).
+    A bin's average seen from the rest frame sits at the contacts minus the bin's displacement,
+    so it is interpolated (kriging) to the extended locations that fall within the probe's span
+    there; the bins are combined weighted by their spike counts. A neuron near an end is thus
+    known where the drift carried it past the contacts, and no extrapolated trace enters it.
+
+    Returns (dense templates [units, samples, extended locations] float32, extended locations,
+    index of the real contacts among them, number of spikes behind each value [units, locations]).
+    """
+    from spikeinterface.core.waveform_tools import estimate_templates
+    from spikeinterface.preprocessing import get_spatial_interpolation_kernel
+
+    dim = motion.dim
+    loc = np.asarray(rec.get_channel_locations(), dtype=np.float64)[:, :2]
+    grid = displacement_grid(motion, step_um)
+    depth = float(np.median(loc[:, dim]))
+    fs = rec.get_sampling_frequency()
+    disp = np.zeros(len(sample_index))
+    for seg in np.unique(segment_index):
+        sel = segment_index == seg
+        times = rec.sample_index_to_time(sample_index[sel], segment_index=int(seg))
+        disp[sel] = motion.get_displacement_at_time_and_depth(times, np.full(sel.sum(), depth), segment_index=int(seg))
+    bins = np.argmin(np.abs(disp[:, None] - grid[None, :]), axis=1)
+    pseudo = unit_index.astype(np.int64) * len(grid) + bins
+    present, pseudo_index = np.unique(pseudo, return_inverse=True)
+    spikes = np.zeros(len(sample_index), dtype=[("sample_index", "int64"), ("unit_index", "int64"),
+                                                 ("segment_index", "int64")])
+    spikes["sample_index"] = sample_index
+    spikes["unit_index"] = pseudo_index
+    spikes["segment_index"] = segment_index
+    order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
+    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
+    avg = estimate_templates(rec, spikes[order], np.arange(len(present)), nbefore, nafter, return_in_uV=False, **jk)
+    counts = np.bincount(pseudo_index, minlength=len(present)).astype(np.float64)
+    margin = float(np.max(np.abs(grid))) + 1.0
+    ext, real = extended_locations(loc, margin, dim)
+    total = np.zeros((num_units, avg.shape[1], len(ext)), dtype=np.float64)
+    weight = np.zeros((num_units, len(ext)), dtype=np.float64)
+    lo, hi = loc[:, dim].min(), loc[:, dim].max()
+    for b, d in enumerate(grid):
+        rows = np.flatnonzero(present % len(grid) == b)
+        if len(rows) == 0:
+            continue
+        source = loc.copy()
+        source[:, dim] -= d
+        kernel = get_spatial_interpolation_kernel(source, ext, method="kriging", sigma_um=sigma_um, p=p,
+                                                  dtype="float32", force_extrapolate=False)
+        inside = (ext[:, dim] >= lo - d - 1e-6) & (ext[:, dim] <= hi - d + 1e-6)
+        units = present[rows] // len(grid)
+        w = counts[rows][:, None] * inside[None, :]
+        total[units] += (avg[rows].astype(np.float64) @ kernel) * w[:, None, :]
+        weight[units] += w
+    dense = total / np.maximum(weight[:, None, :], 1e-12)
+    # a location few snippets reached (fewer than min_spikes: the drift's far end) takes the value
+    # of the nearest well-reached location in its column: an average of a couple of snippets is
+    # mostly noise and other neurons' spikes, and matching fitted it
+    column = np.round(ext[:, 1 - dim], 3)
+    for u in range(num_units):
+        known = weight[u] >= min_spikes
+        for j in np.flatnonzero(~known):
+            same = np.flatnonzero(known & (column == column[j]))
+            if len(same):
+                dense[u, :, j] = dense[u, :, same[np.argmin(np.abs(ext[same, dim] - ext[j, dim]))]]
+            else:
+                dense[u, :, j] = 0.0
+    return dense.astype(np.float32), ext, real, weight
+
+
+def displacement_grid(motion, step_um: float) -> np.ndarray:
+    """Displacements from the motion's smallest to its largest, ``step_um`` apart (0 included)."""
+    values = np.concatenate([np.ravel(d) for d in motion.displacement])
+    lo = np.floor(values.min() / step_um) * step_um
+    hi = np.ceil(values.max() / step_um) * step_um
+    return np.round(np.arange(lo, hi + step_um / 2, step_um), 6)
+
+
+#: :class:`DriftingWobble` leaves a unit out at a displacement where its moved template's squared
+#: norm (whitened) is below this fraction of its rest norm and below this many times the threshold.
+OUT_OF_REACH_FRACTION = 0.25
+OUT_OF_REACH_THRESHOLDS = 4.0
+
+
+class DriftingWobble(BaseTemplateMatching):
+    """SpikeInterface's wobble with one precomputed template set per displacement.
+
+    ``templates`` are the rest-frame (motion-corrected) templates, unwhitened; ``whitening`` the
+    matrix that whitens the recording given (the traces are whitened by the caller and each moved
+    template goes through the same matrix); ``sparsity`` a function of the moved dense templates
+    giving their channel mask; ``motion`` a rigid SpikeInterface ``Motion``.
+    """
+
+    def __init__(self, recording, templates, return_output=True, motion=None, whitening=None, sparsity=None,
+                 step_um: float = 2.0, parameters=None, source=None, min_norm_sq: float = 0.0):
+        from spikeinterface.core import Templates
+        from spikeinterface.core.sparsity import ChannelSparsity
+        from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
+
+        BaseTemplateMatching.__init__(self, recording, templates, return_output=return_output)
+        if motion is None:
+            raise ValueError("DriftingWobble needs the motion")
+        self.motion = motion
+        self.grid = displacement_grid(motion, step_um)
+        locations = np.asarray(recording.get_channel_locations(), dtype=np.float64)[:, :2]
+        self.depth = float(np.median(locations[:, motion.dim]))
+        dense, source_locations = (templates.get_dense_templates(), locations) if source is None else source
+        matrix = np.eye(dense.shape[2], dtype=np.float32) if whitening is None else np.asarray(whitening, np.float32)
+        rest = moved_templates(dense, source_locations, locations, 0.0, dim=motion.dim)
+        rest_mask = sparsity(rest) if sparsity is not None else np.abs(rest).max(axis=1) > 0
+        rest_norm_sq = np.sum(((rest @ matrix) * rest_mask[:, None, :]) ** 2, axis=(1, 2))
+        # a neuron the drift carried out of reach: its moved template is too weak to tell its
+        # spikes from noise (below a quarter of its rest norm, and below 4 thresholds), and wobble
+        # fitted noise with scaled-up copies of it
+        floor = np.maximum(min_norm_sq, np.minimum(OUT_OF_REACH_FRACTION * rest_norm_sq,
+                                                   OUT_OF_REACH_THRESHOLDS * min_norm_sq))
+        self.engines, self.kept, self.refit_templates = [], [], []
+        self.unwhiten = np.linalg.pinv(matrix).astype(np.float32)
+        for d in self.grid:
+            moved = moved_templates(dense, source_locations, locations, float(d), dim=motion.dim)
+            mask = sparsity(moved) if sparsity is not None else np.abs(moved).max(axis=1) > 0
+            white = (moved @ matrix).astype(np.float32)
+            norm_sq = np.sum((white * mask[:, None, :]) ** 2, axis=(1, 2))
+            keep = np.flatnonzero(norm_sq >= floor)
+            self.kept.append(keep)
+            if len(keep) == 0:
+                self.engines.append(None)
+                self.refit_templates.append(None)
+                continue
+            ids = templates.unit_ids[keep]
+            self.refit_templates.append((moved[keep] * mask[keep][:, None, :]).astype(np.float32))
+            white = Templates(templates_array=white[keep], sampling_frequency=templates.sampling_frequency,
+                              nbefore=templates.nbefore, is_in_uV=True, sparsity_mask=None,
+                              channel_ids=templates.channel_ids, unit_ids=ids, probe=templates.probe)
+            white = white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids))
+            self.engines.append(WobbleMatch(recording, white, return_output=return_output,
+                                            parameters=dict(parameters or {}), engine="numpy"))
+        self.margin = next(e for e in self.engines if e is not None).get_margin() if any(e is not None for e in self.engines) else 300
+        self.nbefore = templates.nbefore
+        self.nafter = templates.nafter
+
+    def get_margin(self):
+        return self.margin
+
+    def engine_for(self, start_frame: int, end_frame: int, segment_index: int) -> int:
+        """Index of the grid displacement nearest the motion at the chunk's centre."""
+        t = self.recording.sample_index_to_time(np.array([(start_frame + end_frame) // 2]), segment_index=segment_index)
+        d = self.motion.get_displacement_at_time_and_depth(np.asarray(t, dtype=np.float64), np.array([self.depth]),
+                                                            segment_index=segment_index)
+        return int(np.argmin(np.abs(self.grid - float(np.ravel(d)[0]))))
+
+    def compute_matching(self, traces, start_frame, end_frame, segment_index):
+        from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
+
+        index = self.engine_for(start_frame, end_frame, segment_index)
+        if self.engines[index] is None:
+            return np.zeros(0, dtype=_base_matching_dtype)
+        spikes = wobble_with_scalings(self.engines[index], traces)
+        if len(spikes):
+            spikes["amplitude"] = refit_amplitudes(traces @ self.unwhiten, spikes["sample_index"] - self.nbefore,
+                                                   spikes["cluster_index"], self.refit_templates[index])
+        spikes["cluster_index"] = self.kept[index][spikes["cluster_index"]]
+        return spikes
+
+    def clean(self):
+        for engine in self.engines:
+            if engine is not None:
+                engine.clean()
+
+
+def wobble_with_scalings(engine, traces: np.ndarray) -> np.ndarray:
+    """``WobbleMatch.compute_matching`` returning each spike's fitted amplitude scaling (1 = the
+    template) as its amplitude, where SpikeInterface's returns the trace's peak voltage."""
+    from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
+    from spikeinterface.sortingcomponents.matching.wobble import compute_objective
+
+    if not engine.is_pushed:
+        engine._push_to_torch()
+    objective = compute_objective(traces, engine.template_data, engine.params.approx_rank, engine.engine,
+                                  engine.torch_device)
+    objective_normalized = 2 * objective - engine.template_data.norm_squared[:, np.newaxis]
+    trains, scalings = [], []
+    for _ in range(engine.params.max_iter):
+        train, scaling, _ = engine.find_peaks(objective, objective_normalized, np.array(trains), engine.params,
+                                              engine.template_data, engine.template_meta)
+        if len(train) == 0:
+            break
+        trains.extend(list(train))
+        scalings.extend(list(scaling))
+        objective, objective_normalized = engine.subtract_spike_train(
+            train, scaling, engine.template_data, objective, objective_normalized, engine.params,
+            engine.template_meta, engine.sparsity)
+    if not trains:
+        return np.zeros(0, dtype=_base_matching_dtype)
+    train = np.array(trains)
+    order = np.argsort(train[:, 0], kind="stable")
+    train = train[order]
+    spikes = np.zeros(len(train), dtype=_base_matching_dtype)
+    spikes["sample_index"] = train[:, 0] + engine.nbefore
+    spikes["cluster_index"] = train[:, 1] // engine.params.jitter_factor
+    spikes["amplitude"] = np.asarray(scalings)[order]
+    spikes["channel_index"] = np.argmax(np.abs(traces[spikes["sample_index"]]), axis=1) if len(spikes) else 0
+    return spikes
+
+
+def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Least-squares amplitude scalings of templates placed at ``starts`` in ``traces``, fitted
+    jointly so that overlapping spikes share the signal (SpikeInterface's ``amplitude_scalings``
+    with collisions, on the templates as they look at the chunk's displacement).
+
+    ``templates`` [units, samples, channels] are zero off each unit's channels; ``starts`` sorted.
+    """
+    n, width = len(starts), templates.shape[1]
+    padded = np.pad(traces, ((width, width), (0, 0)))
+    b = np.empty(n)
+    for i in range(n):
+        s = starts[i] + width
+        b[i] = np.sum(padded[s: s + width] * templates[units[i]])
+    gram = np.zeros((n, n))
+    norms = np.sum(templates.astype(np.float64) ** 2, axis=(1, 2))
+    gram[np.arange(n), np.arange(n)] = norms[units]
+    for i in range(n):
+        j = i + 1
+        while j < n and starts[j] - starts[i] < width:
+            lag = starts[j] - starts[i]
+            g = np.sum(templates[units[i], lag:] * templates[units[j], : width - lag])
+            gram[i, j] = gram[j, i] = g
+            j += 1
+    gram[np.arange(n), np.arange(n)] += 1e-9 * max(norms.max(), 1e-12)
+    return np.linalg.solve(gram, b)
