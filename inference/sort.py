@@ -410,9 +410,10 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         if (applied_motion is not None and p.drifting_templates and p.matching and p.matching_method == "wobble"
                 and len(applied_motion.spatial_bins_um) == 1):
             templates, drift = make_registered_templates(recorded, applied_motion, events, labels, p, noise, job_kwargs)
-            motion_info["drifting_templates"] = True
         else:
             templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
+        if applied_motion is not None:
+            motion_info["drifting_templates"] = drift is not None
         tick("templates_s")
         if p.matching:
             mstats: dict = {}

@@ -34,6 +34,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")
     parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
                         help="drift correction: 'auto' when drift is detected (default), 'on' or 'off'")
+    parser.add_argument("--interpolate-drift", dest="drifting_templates", action="store_false",
+                        help="with drift correction, match the interpolated (motion-corrected) traces instead of "
+                             "moving the templates with the motion over the recorded traces (the default for rigid "
+                             "motion with wobble)")
     parser.add_argument("--detect-threshold", type=float, default=None,
                         help="detection threshold in MAD noise units (default: the model's own, 5). Lower finds "
                              "smaller units and more noise clusters")
@@ -61,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
         matching=args.matching, matching_method=args.matching_method, reject_noise_fits=args.reject_noise_fits,
         final_merge=args.final_merge,
-        motion_correction=motion, position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
+        motion_correction=motion, drifting_templates=args.drifting_templates,
+        position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
         max_contamination=args.max_contamination or None, min_unit_spikes=args.min_unit_spikes,
         export_phy=args.export_phy, report=args.report, overwrite=args.overwrite, seed=args.seed,
         job_kwargs={"n_jobs": args.n_jobs, "progress_bar": args.progress_bar},
@@ -70,7 +75,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(sorting.unit_ids)} units from {info.get('num_events', 0)} detected events "
           f"({info.get('num_rejected_events', 0)} rejected as noise) in {info['timings_s']['total_s']:.1f} s")
     if info.get("motion", {}).get("applied"):
-        print(f"motion corrected (max displacement {info['motion']['max_displacement_um']} um)")
+        how = ("templates moved with the motion" if info["motion"].get("drifting_templates")
+               else "traces interpolated")
+        print(f"motion corrected (max displacement {info['motion']['max_displacement_um']} um; {how})")
     print(f"sorting: {args.out / 'sorting'}")
     removed = info.get("multi_unit", {}).get("removed_units", [])
     if removed:

@@ -46,6 +46,7 @@ class SpikeVaultSorter(BaseSorter):
         "reject_noise_fits": True,
         "final_merge": True,
         "motion_correction": "auto",
+        "drifting_templates": True,
         "position_scale_um": 12.0,
         "detect_threshold": None,
         "max_contamination": 0.5,
@@ -66,6 +67,8 @@ class SpikeVaultSorter(BaseSorter):
                              "distribution says are noise",
         "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units: similar templates, close, low cross-contamination)",
         "motion_correction": "'auto' (when drift is detected), True or False",
+        "drifting_templates": "With drift correction (rigid motion, wobble): move the templates with the motion over the "
+                              "recorded traces; False matches the interpolated traces",
         "position_scale_um": "Weight of spike position vs embedding in clustering (um per embedding SD)",
         "detect_threshold": "Detection threshold in MAD noise units (None: the model's own)",
         "max_contamination": "Units whose ISI-violation ratio (1.5 ms) exceeds this are multi-unit activity and "

@@ -434,7 +434,7 @@ def test_single_wire_two_neurons_of_one_shape():
 @pytest.mark.slow
 def test_drift_is_detected_estimated_and_corrected(tmp_path):
     """A drifting dense probe: 'auto' finds the drift (close to the generator's +-20 um) and sorts
-    the motion-corrected traces well; the static twin (same units, no drift) is left alone, and
+    it well, with templates that follow the motion and with interpolated traces; the static twin (same units, no drift) is left alone, and
     the cheap screening estimate alone says so."""
     from spikevault.extract import ExtractParams, extract_events, preprocess
     from spikevault.synth import generate_recording
@@ -447,7 +447,13 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     motion = json.loads((tmp_path / "drift" / "params.json").read_text())["motion"]
     assert motion["mode"] == "auto" and motion["applied"] and not motion["screened_out"]
     assert 12.0 < motion["max_displacement_um"] < 30.0  # zigzag +-20 um; the estimate is centred
+    assert motion["drifting_templates"]  # rigid motion, wobble: the templates follow the motion
     assert _accuracy(gt, sorting) > 0.8
+    # the interpolated traces (the path of non-rigid motion and the other engines) sort it too
+    interpolated = sort(rec, model=None, features="pca", out=tmp_path / "interp", report=False, job_kwargs=JOB,
+                        drifting_templates=False)
+    assert not json.loads((tmp_path / "interp" / "params.json").read_text())["motion"]["drifting_templates"]
+    assert _accuracy(gt, interpolated) > 0.8
 
     static, _ = generate_recording(**kw)
     prep = preprocess(static, ExtractParams())
