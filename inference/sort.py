@@ -12,7 +12,9 @@
     embed               the encoder in batches (or PCA, the ablation)
     cluster             embedding + position, per probe region, in parallel
     curate              split / merge until unimodal and distinct, reject noise clusters
-    match               SpikeInterface template matching (wobble, whitened) recovers missed spikes
+    match               SpikeInterface template matching (wobble, whitened) recovers missed spikes;
+                        with rigid drift the templates follow the motion over the recorded traces
+                        (inference.drift_matching), estimated in the rest frame beyond the probe's ends
     final merge         SpikeInterface auto_merge_units joins units split in two (similar templates,
                         close, no refractory violations across the parts)
     save                sorting, rejected events, params + versions, sort.log, report
