@@ -51,6 +51,17 @@ def _drifting_recording(duration_s=8.0, noise_uv=4.0, seed=0):
     return rec, motion, neurons, amplitudes, trains
 
 
+def _register(rec, motion, trains):
+    """Rest-frame templates of the neurons from their true spike trains (registered_templates)."""
+    from inference.drift_matching import registered_templates
+
+    units = np.concatenate([np.full(len(t), k) for k, t in enumerate(trains)])
+    samples = np.concatenate(trains)
+    order = np.argsort(samples)
+    return registered_templates(rec, motion, samples[order], units[order], np.zeros(len(samples), np.int64),
+                                len(trains), NBEFORE, NAFTER, 2.0, {"n_jobs": 1}, min_spikes=20)
+
+
 def test_moved_templates_follow_the_displacement():
     """A template moved by d is the rest template of a neuron d further along the probe
     (kriging, as the trace correction), and moving by 0 changes nothing."""
@@ -72,15 +83,8 @@ def test_registered_templates_reach_beyond_the_probe_end():
     the drift carried it onto the probe, below the contacts, and matches its true shape there."""
     from spikevault.synth import make_probe
 
-    from inference.drift_matching import registered_templates
-
     rec, motion, neurons, amplitudes, trains = _drifting_recording()
-    units = np.concatenate([np.full(len(t), k) for k, t in enumerate(trains)])
-    samples = np.concatenate(trains)
-    order = np.argsort(samples)
-    dense, ext, real, weight = registered_templates(rec, motion, samples[order], units[order],
-                                                    np.zeros(len(samples), np.int64), 2, NBEFORE, NAFTER, 2.0,
-                                                    {"n_jobs": 1}, min_spikes=20)
+    dense, ext, real, weight = _register(rec, motion, trains)
     locations = make_probe("dense64").contact_positions.astype(np.float64)
     assert np.array_equal(ext[real], locations)
     below = np.flatnonzero(ext[:, 1] < locations[:, 1].min())
@@ -103,15 +107,10 @@ def test_drifting_wobble_finds_the_drifting_spikes():
     from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.preprocessing import scale
 
-    from inference.drift_matching import DriftingWobble, registered_templates
+    from inference.drift_matching import DriftingWobble
 
     rec, motion, neurons, amplitudes, trains = _drifting_recording(seed=1)
-    units = np.concatenate([np.full(len(t), k) for k, t in enumerate(trains)])
-    samples = np.concatenate(trains)
-    order = np.argsort(samples)
-    dense, ext, real, _ = registered_templates(rec, motion, samples[order], units[order],
-                                               np.zeros(len(samples), np.int64), 2, NBEFORE, NAFTER, 2.0,
-                                               {"n_jobs": 1}, min_spikes=20)
+    dense, ext, real, _ = _register(rec, motion, trains)
     templates = Templates(templates_array=dense[:, :, real], sampling_frequency=FS, nbefore=NBEFORE, is_in_uV=True,
                           channel_ids=rec.channel_ids, unit_ids=np.array([0, 1]), probe=rec.get_probe())
 
