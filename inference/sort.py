@@ -412,10 +412,14 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         if (applied_motion is not None and p.drifting_templates and p.matching and p.matching_method == "wobble"
                 and len(applied_motion.spatial_bins_um) == 1):
             templates, drift = make_registered_templates(recorded, applied_motion, events, labels, p, noise, job_kwargs)
+            drift.step_um = drift_step_um(applied_motion, templates)
+            drift = drift if drift.step_um is not None else None
         else:
             templates = make_templates(rec, events, labels, channel_index, p, noise, job_kwargs)
         if applied_motion is not None:
             motion_info["drifting_templates"] = drift is not None
+            if drift is not None:
+                motion_info["drifting_templates_step_um"] = round(float(drift.step_um), 3)
         tick("templates_s")
         if p.matching:
             mstats: dict = {}
@@ -777,6 +781,27 @@ def make_templates(rec, events, labels, channel_index, p: SortParams, noise, job
     return _sparse_templates(arr, units, rec, noise, p, nbefore)
 
 
+def drift_step_um(motion, templates) -> float | None:
+    """Displacement step of the drifting templates' wobble precomputations: ``DRIFT_STEP_UM``,
+    coarser when one precomputation per step over the motion's range would take more than
+    ``DRIFT_MEMORY_BYTES`` (each holds the pairwise convolutions of overlapping templates: units x
+    8 jitters x most overlapping units x twice the template length, float32), or None (match the
+    interpolated traces) when that needs a step above ``DRIFT_MAX_STEP_UM``."""
+    from .drift_matching import displacement_grid
+
+    mask = templates.sparsity.mask if templates.sparsity is not None else np.ones((len(templates.unit_ids), 1), bool)
+    overlaps = int(((mask.astype(np.int64) @ mask.T.astype(np.int64)) > 0).sum(axis=1).max())
+    per_engine = 4.0 * len(templates.unit_ids) * 8 * overlaps * 2 * templates.num_samples
+    span = float(np.ptp(displacement_grid(motion, DRIFT_STEP_UM)))
+    engines = max(int(DRIFT_MEMORY_BYTES // per_engine), 1)
+    step = max(DRIFT_STEP_UM, span / max(engines - 1, 1))
+    if step > DRIFT_MAX_STEP_UM:
+        logger.info("drifting templates would need a %.1f um step (%d units, %.0f um of drift): matching the "
+                    "interpolated traces", step, len(templates.unit_ids), span)
+        return None
+    return step
+
+
 def make_registered_templates(recorded, motion, events, labels, p: SortParams, noise, job_kwargs):
     """Rest-frame templates of the curated units from the recorded (not motion-corrected) traces
     (:func:`inference.drift_matching.registered_templates`) -> (sparse ``Templates`` on the
@@ -794,19 +819,25 @@ def make_registered_templates(recorded, motion, events, labels, p: SortParams, n
 
 #: Displacement step of the drifting templates (um): wobble's precomputation runs once per step.
 DRIFT_STEP_UM = 2.0
+#: Memory the drifting templates' wobble precomputations may take (an upper bound is estimated);
+DRIFT_MEMORY_BYTES = 1.0e9
+#: a coarser step than this falls back to matching the interpolated traces.
+DRIFT_MAX_STEP_UM = 5.0
 
 
 @dataclass
 class DriftInfo:
     """What the matching pass needs to move the templates with the motion: the recorded
     (preprocessed, not corrected) traces, the rigid motion, the rest-frame templates on the
-    extended locations, and the template radius for their channel masks."""
+    extended locations, the template radius for their channel masks, and the displacement step
+    of wobble's precomputations (:func:`drift_step_um`)."""
 
     recording: Any
     motion: Any
     dense: np.ndarray
     locations: np.ndarray
     radius_um: float
+    step_um: float | None = DRIFT_STEP_UM
 
 
 def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels: np.ndarray | None = None,
@@ -972,7 +1003,7 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
         return _template_mask(dense, locations, noise, drift.radius_um)
 
     node = DriftingWobble(white, templates, motion=drift.motion, whitening=matrix, sparsity=sparsity,
-                          step_um=DRIFT_STEP_UM, parameters=params, source=(drift.dense, drift.locations),
+                          step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
                           min_norm_sq=WOBBLE_THRESHOLD)
     try:
         spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",

@@ -153,3 +153,31 @@ def test_refit_amplitudes_shares_overlapping_spikes():
     assert np.allclose(amps, [0.7, 1.3], atol=0.02)
     alone = [np.sum(traces[s: s + 40] * templates[u]) / np.sum(templates[u] ** 2) for s, u in zip(starts, (0, 1))]
     assert np.abs(np.array(alone) - [0.7, 1.3]).max() > np.abs(amps - [0.7, 1.3]).max()
+
+
+def test_drift_step_follows_the_memory_of_the_precomputations():
+    """One wobble precomputation per displacement step: 2 um for a few units; coarser when the
+    pairwise convolutions of many overlapping units over a wide drift would not fit the memory
+    bound; None (match the interpolated traces) when the step would exceed 5 um."""
+    from spikeinterface.core import Templates
+    from spikeinterface.core.motion import Motion
+    from spikeinterface.core.sparsity import ChannelSparsity
+
+    from inference.sort import DRIFT_MAX_STEP_UM, DRIFT_STEP_UM, drift_step_um
+
+    def templates(num_units):
+        mask = np.zeros((num_units, 64), dtype=bool)
+        for k in range(num_units):
+            mask[k, (2 * k) % 56: (2 * k) % 56 + 8] = True
+        ids = np.arange(num_units)
+        dense = Templates(templates_array=np.ones((num_units, 90, 64), np.float32), sampling_frequency=FS,
+                          nbefore=NBEFORE, channel_ids=np.arange(64), unit_ids=ids)
+        return dense.to_sparse(ChannelSparsity(mask, ids, np.arange(64)))
+
+    def motion(span_um):
+        return Motion([np.linspace(-span_um / 2, span_um / 2, 50)[:, None]], [np.arange(50.0)], np.array([150.0]))
+
+    assert drift_step_um(motion(40.0), templates(30)) == DRIFT_STEP_UM
+    coarse = drift_step_um(motion(40.0), templates(250))
+    assert DRIFT_STEP_UM < coarse <= DRIFT_MAX_STEP_UM
+    assert drift_step_um(motion(100.0), templates(250)) is None
