@@ -219,7 +219,8 @@ class DriftingWobble(BaseTemplateMatching):
             white = white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids))
             self.engines.append(WobbleMatch(recording, white, return_output=return_output,
                                             parameters=dict(parameters or {}), engine="numpy"))
-        self.margin = next(e for e in self.engines if e is not None).get_margin() if any(e is not None for e in self.engines) else 300
+        built = [e for e in self.engines if e is not None]
+        self.margin = built[0].get_margin() if built else 300  # wobble's own margin
         self.nbefore = templates.nbefore
         self.nafter = templates.nafter
 
@@ -239,8 +240,8 @@ class DriftingWobble(BaseTemplateMatching):
         index = self.engine_for(start_frame, end_frame, segment_index)
         if self.engines[index] is None:
             return np.zeros(0, dtype=_base_matching_dtype)
-        spikes = wobble_with_scalings(self.engines[index], traces)
-        if len(spikes):
+        spikes = self.engines[index].compute_matching(traces, start_frame, end_frame, segment_index)
+        if len(spikes):  # wobble reports the peak voltage: the amplitude is the template's scaling
             spikes["amplitude"] = refit_amplitudes(traces @ self.unwhiten, spikes["sample_index"] - self.nbefore,
                                                    spikes["cluster_index"], self.refit_templates[index])
         spikes["cluster_index"] = self.kept[index][spikes["cluster_index"]]
@@ -250,41 +251,6 @@ class DriftingWobble(BaseTemplateMatching):
         for engine in self.engines:
             if engine is not None:
                 engine.clean()
-
-
-def wobble_with_scalings(engine, traces: np.ndarray) -> np.ndarray:
-    """``WobbleMatch.compute_matching`` returning each spike's fitted amplitude scaling (1 = the
-    template) as its amplitude, where SpikeInterface's returns the trace's peak voltage."""
-    from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
-    from spikeinterface.sortingcomponents.matching.wobble import compute_objective
-
-    if not engine.is_pushed:
-        engine._push_to_torch()
-    objective = compute_objective(traces, engine.template_data, engine.params.approx_rank, engine.engine,
-                                  engine.torch_device)
-    objective_normalized = 2 * objective - engine.template_data.norm_squared[:, np.newaxis]
-    trains, scalings = [], []
-    for _ in range(engine.params.max_iter):
-        train, scaling, _ = engine.find_peaks(objective, objective_normalized, np.array(trains), engine.params,
-                                              engine.template_data, engine.template_meta)
-        if len(train) == 0:
-            break
-        trains.extend(list(train))
-        scalings.extend(list(scaling))
-        objective, objective_normalized = engine.subtract_spike_train(
-            train, scaling, engine.template_data, objective, objective_normalized, engine.params,
-            engine.template_meta, engine.sparsity)
-    if not trains:
-        return np.zeros(0, dtype=_base_matching_dtype)
-    train = np.array(trains)
-    order = np.argsort(train[:, 0], kind="stable")
-    train = train[order]
-    spikes = np.zeros(len(train), dtype=_base_matching_dtype)
-    spikes["sample_index"] = train[:, 0] + engine.nbefore
-    spikes["cluster_index"] = train[:, 1] // engine.params.jitter_factor
-    spikes["amplitude"] = np.asarray(scalings)[order]
-    spikes["channel_index"] = np.argmax(np.abs(traces[spikes["sample_index"]]), axis=1) if len(spikes) else 0
-    return spikes
 
 
 def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, templates: np.ndarray) -> np.ndarray:
