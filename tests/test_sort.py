@@ -434,8 +434,8 @@ def test_single_wire_two_neurons_of_one_shape():
 @pytest.mark.slow
 def test_drift_is_detected_estimated_and_corrected(tmp_path):
     """A drifting dense probe: 'auto' finds the drift (close to the generator's +-20 um) and sorts
-    it well, with templates that follow the motion and with interpolated traces; the static twin (same units, no drift) is left alone, and
-    the cheap screening estimate alone says so."""
+    it well, with templates that follow the motion and with interpolated traces; the static twin
+    (same units, no drift) is left alone, and the cheap screening estimate alone says so."""
     from spikevault.extract import ExtractParams, extract_events, preprocess
     from spikevault.synth import generate_recording
 
