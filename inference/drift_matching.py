@@ -49,9 +49,10 @@ def moved_templates(dense: np.ndarray, source_locations: np.ndarray, channel_loc
 
 
 def extended_locations(channel_locations: np.ndarray, margin_um: float, dim: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """The contacts plus copies of them shifted along ``dim`` by multiples of the probe's pitch,
-    covering ``margin_um`` beyond both ends: the places a drifting neuron's rest-frame template
-    can be known at. Returns (locations [n, 2], index of each real contact in them)."""
+    """The contacts plus the rows of copies of the probe placed past each end along ``dim`` (its
+    span plus multiples of its pitch away), within ``margin_um`` of the end: the places a drifting
+    neuron's rest-frame template can be known at. Returns (locations [n, 2], index of each real
+    contact in them)."""
     loc = np.asarray(channel_locations, dtype=np.float64)[:, :2]
     depths = np.unique(np.round(loc[:, dim], 3))
     pitch = float(np.median(np.diff(depths))) if len(depths) > 1 else max(margin_um, 1.0)
@@ -276,5 +277,5 @@ def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, 
             g = np.sum(templates[units[i], lag:] * templates[units[j], : width - lag])
             gram[i, j] = gram[j, i] = g
             j += 1
-    gram[np.arange(n), np.arange(n)] += 1e-9 * max(norms.max(), 1e-12)
-    return np.linalg.solve(gram, b)
+    # least squares, not solve: two near-identical templates at one time make the system singular
+    return np.linalg.lstsq(gram, b, rcond=None)[0]
