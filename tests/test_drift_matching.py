@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 FS = 30_000.0
 NBEFORE, NAFTER = 30, 60
@@ -22,7 +21,8 @@ def _template(locations: np.ndarray, position: np.ndarray, amplitude: float) -> 
 
 def _drifting_recording(duration_s=8.0, noise_uv=4.0, seed=0):
     """Two neurons on the dense 64-channel probe, one just beyond its bottom end, drifting
-    +-16 um (rigid, sine); white noise. Returns (recording, motion, neurons, spike trains)."""
+    +-16 um (rigid, sine); white noise. Returns (recording, motion, neuron positions, their
+    amplitudes, spike trains)."""
     from spikeinterface.core import NumpyRecording
     from spikeinterface.core.motion import Motion
 
