@@ -670,8 +670,8 @@ def _cache(rec, mode: str, job_kwargs: dict):
     The traces are quantised to int16 in steps of 1/``_CACHE_STEPS_PER_NOISE`` of the median
     channel noise (rounding error about noise/220; the range, +-32000 steps, is +-500 noise
     units, and the rare sample beyond is clipped) and read back as float32 through a lazy
-    ``scale``. Int16 halves the memory, and reading it back costs a tenth of a float16
-    conversion, which the later passes (motion, templates, matching) pay on every chunk. The
+    one-pass scale (:class:`spikevault.filters.OnePassScaleRecording`). Int16 halves the memory,
+    and reading it back costs a tenth of a float16 conversion, which the later passes (motion, templates, matching) pay on every chunk. The
     step follows the noise, so traces in volts or microvolts quantise alike; a channel whose
     noise is 50 times the median's keeps +-10 of its own noise units. (A step per channel was
     tried: static32 0.980 -> 0.959 with 16 units for 15 neurons, drift64 0.856 -> 0.853, within
@@ -682,7 +682,9 @@ def _cache(rec, mode: str, job_kwargs: dict):
     if mode == "none":
         return rec
     from spikeinterface.core import get_noise_levels
-    from spikeinterface.preprocessing import clip, scale
+    from spikeinterface.preprocessing import clip
+
+    from spikevault.filters import OnePassScaleRecording
 
     noise = get_noise_levels(rec, return_in_uV=False, method="mad", random_slices_kwargs=dict(
         num_chunks_per_segment=4, chunk_size=min(10_000, rec.get_num_samples(0)), seed=0), n_jobs=1, progress_bar=False)
@@ -697,10 +699,10 @@ def _cache(rec, mode: str, job_kwargs: dict):
             return rec
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
     limit = _INT16_LIMIT * step
-    quantised = scale(clip(rec, a_min=-limit, a_max=limit), gain=1.0 / step, dtype="int16")
+    quantised = OnePassScaleRecording(clip(rec, a_min=-limit, a_max=limit), gain=1.0 / step, dtype="int16")
     cached = quantised.save(format="memory", sharedmem=True, **jk)
     cached.set_probe(rec.get_probe(), in_place=True) if not cached.has_probe() and rec.has_probe() else None
-    return scale(cached, gain=step, dtype="float32")
+    return OnePassScaleRecording(cached, gain=step, dtype="float32")
 
 
 #: Cache quantisation steps per unit of median channel noise (MAD).

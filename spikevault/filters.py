@@ -16,6 +16,13 @@ the maximum of the lower half, which give the same value bit for bit (the mean o
 values for an even channel count). The reference is computed on every chunk of every pass, and on a
 64-channel probe it cost as much as the filter. NaNs (never in a checked recording) fall back to
 ``np.median``. Everything else is SpikeInterface's ``CommonReferenceRecording``.
+
+Scaling, in one pass. SpikeInterface's ``ScaleRecording`` converts each chunk to float32, then
+multiplies by the gains and adds the offsets in place: three passes over the chunk (four with
+rounding to an integer type). One ``np.multiply`` into a float32 output computes the same products
+(in float64, rounded to float32 once, as the in-place product does) in half the time: 2.7 ms
+against 5.5 ms on a 1 s, 64-channel int16 chunk, bit for bit the same. The sort reads its int16
+cache of the preprocessed traces back through it on every pass.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from spikeinterface.preprocessing.common_reference import CommonReferenceRecording
 from spikeinterface.preprocessing.filter import BandpassFilterRecording
+from spikeinterface.preprocessing.normalize_scale import ScaleRecording, ScaleRecordingSegment
 
 
 class Float32BandpassRecording(BandpassFilterRecording):
@@ -68,3 +76,34 @@ class FastMedianReferenceRecording(CommonReferenceRecording):
 def common_median_reference(recording) -> FastMedianReferenceRecording:
     """Lazy global common median reference (SpikeInterface's, with a faster median)."""
     return FastMedianReferenceRecording(recording, reference="global", operator="median")
+
+
+#: Trace dtypes that float32 holds exactly: scaling them without a float32 copy first is exact.
+_EXACT_IN_FLOAT32 = (np.int8, np.uint8, np.int16, np.uint16, np.float32)
+
+
+class _OnePassScaleSegment(ScaleRecordingSegment):
+    def get_traces(self, start_frame, end_frame, channel_indices) -> np.ndarray:
+        traces = self.parent_recording_segment.get_traces(start_frame, end_frame, channel_indices)
+        if traces.dtype.type not in _EXACT_IN_FLOAT32:
+            traces = traces.astype(np.float32)
+        gain, offset = self.gain[:, channel_indices], self.offset[:, channel_indices]
+        scaled = np.empty(traces.shape, dtype=np.float32)
+        np.multiply(traces, gain, out=scaled, casting="same_kind")
+        if np.any(offset):
+            np.add(scaled, offset, out=scaled, casting="same_kind")
+        if np.issubdtype(self._dtype, np.integer):
+            np.round(scaled, out=scaled)
+        return scaled.astype(self._dtype, copy=False)
+
+
+class OnePassScaleRecording(ScaleRecording):
+    """``ScaleRecording`` whose chunks are scaled in one pass (the same values, bit for bit)."""
+
+    def __init__(self, recording, gain=1.0, offset=0.0, dtype="float32"):
+        super().__init__(recording, gain=gain, offset=offset, dtype=dtype)
+        for i, segment in enumerate(self.segments):
+            fast = _OnePassScaleSegment(segment.parent_recording_segment, segment.gain, segment.offset,
+                                        segment._dtype)
+            fast.set_parent_extractor(self)
+            self.segments[i] = fast

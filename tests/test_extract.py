@@ -311,3 +311,29 @@ def test_the_detector_kernel_is_compiled_once_then_read_from_numba_cache(tmp_pat
     assert any((tmp_path / "numba").rglob("*detect_peaks_numba_locally_exclusive_on_chunk*.nbi"))
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0  # the second process read it back
     assert runs[0]["lazy_misses"] >= 1 and runs[1]["lazy_hits"] >= 1 and runs[1]["lazy_misses"] == 0
+
+
+def test_one_pass_scale_equals_spikeinterface_scale():
+    import pickle
+
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import load
+
+    from spikevault.filters import OnePassScaleRecording
+    from spikevault.synth import generate_recording
+
+    rec, _ = generate_recording(probe="linear32", duration_s=1.0, num_units=3, seed=5)
+    as_int16 = spre.scale(rec, gain=7.3, dtype="int16")
+    some = rec.channel_ids[3:11]
+    # int16 -> float32 (the sort's cache read back), float32 -> int16 (writing it), an offset,
+    # float64 traces (converted to float32 first, as SpikeInterface does)
+    cases = [(as_int16, 0.137, 0.0, "float32"), (rec, 7.3, 0.0, "int16"), (as_int16, 0.137, 2.5, "float32"),
+             (spre.scale(rec, gain=1.0, dtype="float64"), 0.5, 0.0, "float32")]
+    for source, gain, offset, dtype in cases:
+        fast = OnePassScaleRecording(source, gain=gain, offset=offset, dtype=dtype)
+        reference = spre.scale(source, gain=gain, offset=offset, dtype=dtype)
+        for kw in ({}, {"channel_ids": some, "start_frame": 100, "end_frame": 2000}):
+            got, want = fast.get_traces(**kw), reference.get_traces(**kw)
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+    for copy in (pickle.loads(pickle.dumps(fast)), load(fast.to_dict())):  # worker processes rebuild it
+        assert isinstance(copy, OnePassScaleRecording) and np.array_equal(copy.get_traces(), fast.get_traces())
