@@ -180,7 +180,8 @@ class DriftingWobble(BaseTemplateMatching):
                  step_um: float = 2.0, parameters=None, source=None, min_norm_sq: float = 0.0):
         from spikeinterface.core import Templates
         from spikeinterface.core.sparsity import ChannelSparsity
-        from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
+
+        from .fast_wobble import FftWobbleMatch
 
         BaseTemplateMatching.__init__(self, recording, templates, return_output=return_output)
         if motion is None:
@@ -218,8 +219,8 @@ class DriftingWobble(BaseTemplateMatching):
                               nbefore=templates.nbefore, is_in_uV=True, sparsity_mask=None,
                               channel_ids=templates.channel_ids, unit_ids=ids, probe=templates.probe)
             white = white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids))
-            self.engines.append(WobbleMatch(recording, white, return_output=return_output,
-                                            parameters=dict(parameters or {}), engine="numpy"))
+            self.engines.append(FftWobbleMatch(recording, white, return_output=return_output,
+                                               parameters=dict(parameters or {})))
         built = [e for e in self.engines if e is not None]
         self.margin = built[0].get_margin() if built else 300  # wobble's own margin
         self.nbefore = templates.nbefore

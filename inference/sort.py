@@ -934,6 +934,9 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
             drift: DriftInfo | None = None) -> np.ndarray:
     """SpikeInterface's wobble matching on spatially whitened traces; amplitudes as scalings.
 
+    Wobble runs as :class:`inference.fast_wobble.FftWobbleMatch`: the same algorithm and output,
+    its objective computed by one FFT per chunk (the objective was most of wobble's time).
+
     Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
     whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once) and the templates go
     through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
@@ -950,8 +953,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     from spikeinterface.core import NumpySorting, Templates
     from spikeinterface.core.sparsity import ChannelSparsity
     from spikeinterface.preprocessing import whiten
-    from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+    from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
+
+    from .fast_wobble import FftWobbleMatch
 
     # wobble masks its objective over the refractory window: beyond a template's length it indexes
     # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
@@ -969,8 +974,12 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    spikes = find_spikes_from_templates(white, white_templates, method="wobble",
-                                        method_kwargs={"parameters": params, "engine": "numpy"}, job_kwargs=job_kwargs)
+    node = FftWobbleMatch(white, white_templates, parameters=params)
+    try:
+        spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
+                                   names=["spikes"])
+    finally:
+        node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
     spikes = spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
     if len(spikes) == 0:

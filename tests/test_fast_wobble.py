@@ -1,0 +1,75 @@
+"""Wobble with its objective and set-up by FFT (inference.fast_wobble) against SpikeInterface's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def recording_and_templates():
+    from spikeinterface.core import create_sorting_analyzer
+    from spikeinterface.core.sparsity import ChannelSparsity
+
+    from spikevault.synth import generate_recording
+
+    rec, gt = generate_recording(probe="linear32", duration_s=4.0, num_units=8, seed=3)
+    analyzer = create_sorting_analyzer(gt, rec, sparse=False)
+    analyzer.compute(["random_spikes", "templates"])
+    templates = analyzer.get_extension("templates").get_data(outputs="Templates")
+    dense = templates.get_dense_templates()
+    mask = np.abs(dense).max(axis=1) > 0.1 * np.abs(dense).max(axis=(1, 2))[:, None]
+    return rec, templates.to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
+
+
+def test_fft_convolve_templates_equals_wobbles(recording_and_templates):
+    from spikeinterface.sortingcomponents.matching import wobble
+
+    from inference.fast_wobble import fft_convolve_templates
+
+    _, templates = recording_and_templates
+    params = wobble.WobbleParameters(threshold=25.0)
+    dense = templates.get_dense_templates()
+    meta = wobble.TemplateMetadata.from_parameters_and_templates(params, dense)
+    sparsity = wobble.WobbleSparsity.from_templates(params, templates)
+    temporal, singular, spatial = wobble.compress_templates(
+        np.where(sparsity.visible_channels[:, None, :], dense, 0), params.approx_rank)
+    compressed = (temporal, singular, spatial,
+                  wobble.upsample_and_jitter(temporal, params.jitter_factor, meta.num_samples))
+    args = (compressed, params.jitter_factor, params.approx_rank, meta.jittered_indices, sparsity)
+    want, got = wobble.convolve_templates(*args), fft_convolve_templates(*args)
+    assert len(got) == len(want) == len(meta.jittered_indices)
+    scale = max(np.abs(w).max() for w in want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == np.float32
+        assert np.max(np.abs(g - w)) < 1e-5 * scale
+
+
+def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates):
+    from spikeinterface.sortingcomponents.matching import wobble
+    from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
+
+    from inference.fast_wobble import FftWobbleMatch, fft_convolve_templates
+
+    rec, templates = recording_and_templates
+    params = {"threshold": 25.0, "refractory_period_frames": 10}
+    reference = WobbleMatch(rec, templates, parameters=dict(params), engine="numpy")
+    fast = FftWobbleMatch(rec, templates, parameters=dict(params))
+    assert wobble.convolve_templates is not fft_convolve_templates  # the swap ends with the set-up
+    fs, margin = int(rec.sampling_frequency), fast.get_margin()
+    total = 0
+    try:
+        for start in range(margin, rec.get_num_samples() - fs // 2 - margin, fs // 2):
+            traces = rec.get_traces(start_frame=start - margin, end_frame=start + fs // 2 + margin).astype(np.float32)
+            want = reference.compute_matching(traces, start, start + fs // 2, 0)
+            got = fast.compute_matching(traces, start, start + fs // 2, 0)
+            order_w = np.lexsort((want["cluster_index"], want["sample_index"]))
+            order_g = np.lexsort((got["cluster_index"], got["sample_index"]))
+            for field in ("sample_index", "cluster_index", "channel_index"):
+                assert np.array_equal(got[field][order_g], want[field][order_w])
+            assert np.allclose(got["amplitude"][order_g], want["amplitude"][order_w])
+            total += len(got)
+    finally:
+        reference.clean()
+        fast.clean()
+    assert total > 50  # the recording's spikes were found, not an empty match on both sides
