@@ -745,13 +745,23 @@ def _template_spikes(rec, events, labels, p: SortParams, nbefore: int, nafter: i
     return units, spikes
 
 
+#: A template keeps a channel beyond its radius whose peak to peak is at least this many noise
+#: levels. On a short dense probe a large neuron's spike covers more than half the contacts and moves
+#: their median: the common median reference then subtracts a copy of it from every contact (drift64:
+#: 30 uV peak to peak on the far contacts for a 105 uV neuron, the same on all of them to 0.3 uV),
+#: which the template, averaged from the referenced traces, carries. Kept, matching fits and
+#: subtracts the copy with its spike; cut off, it stayed in the residual for far neurons to fit.
+TEMPLATE_FAR_SNR = 2.0
+
+
 def _template_mask(arr: np.ndarray, locations: np.ndarray, noise: np.ndarray, radius_um: float) -> np.ndarray:
     """Channels of each dense template [units, samples, channels]: within ``radius_um`` of its
-    peak channel and at least the noise peak to peak (the peak channel always)."""
+    peak channel and at least the noise peak to peak, or farther and at least
+    ``TEMPLATE_FAR_SNR`` times it (the peak channel always)."""
     peak_ch = np.argmax(np.ptp(arr, axis=1), axis=1)
     dist = np.linalg.norm(locations[peak_ch][:, None, :] - locations[None, :, :], axis=2)
     snr = np.ptp(arr, axis=1) / noise[None, :]
-    mask = (dist <= radius_um) & (snr >= 1.0)
+    mask = ((dist <= radius_um) & (snr >= 1.0)) | (snr >= TEMPLATE_FAR_SNR)
     mask[np.arange(len(arr)), peak_ch] = True
     return mask
 
