@@ -600,3 +600,48 @@ def test_preprocessing_cache_is_int16_in_noise_steps_for_microvolts_and_volts(ea
     got = _cache(with_artifact, "memory", JOB).get_traces()
     assert 450 * noise < got[100, 0] <= 500 * noise
     assert _cache(prep, "none", JOB) is prep
+
+
+def test_templates_keep_the_copy_the_median_reference_spreads_over_a_short_probe():
+    """A neuron whose spike covers most of a 64-contact probe moves the contacts' median: after
+    the common median reference every far contact carries the same inverted copy of its spike.
+    The template mask keeps those contacts, so matching subtracts the copy with the spike; a weak
+    copy (under ``TEMPLATE_FAR_SNR`` noise levels) stays out, as does a small neuron's far field."""
+    from spikeinterface.core import NumpyRecording
+
+    from inference.sort import TEMPLATE_FAR_SNR, _template_mask
+    from spikevault.filters import common_median_reference
+    from spikevault.synth import make_probe
+
+    fs, width, noise_uv = 30_000.0, 90, 4.0
+    probe = make_probe("dense64")
+    locations = probe.contact_positions.astype(np.float64)
+    t = (np.arange(width) - 30) / fs * 1e3
+    shape = -np.exp(-(t / 0.15) ** 2) + 0.4 * np.exp(-((t - 0.5) / 0.3) ** 2)
+
+    def field(y, amplitude, z=30.0):  # a neuron at depth y, z um off the probe's face
+        dist = np.sqrt((locations[:, 0] - 24.0) ** 2 + (locations[:, 1] - y) ** 2 + z ** 2)
+        return shape[:, None] * (amplitude / (1.0 + (dist / 20.0) ** 2))[None, :]
+
+    rng = np.random.default_rng(0)
+    starts = np.arange(200, 200 + 400 * 300, 300)
+    templates, raw = [], []
+    for amplitude in (400.0, 40.0):  # large and small neuron at the same place, low on the probe
+        traces = rng.normal(0.0, noise_uv, (starts[-1] + 2 * width, 64)).astype(np.float32)
+        for s in starts:
+            traces[s: s + width] += field(80.0, amplitude).astype(np.float32)
+        rec = NumpyRecording(traces, fs)
+        rec.set_probe(probe, in_place=True)
+        referenced = common_median_reference(rec).get_traces()
+        templates.append(np.mean([referenced[s: s + width] for s in starts], axis=0))
+        raw.append(np.mean([traces[s: s + width] for s in starts], axis=0))
+    arr = np.stack(templates)
+    mask = _template_mask(arr, locations, np.full(64, noise_uv), radius_um=100.0)
+    far = np.abs(locations[:, 1] - 80.0) > 200.0
+    # the large neuron's own field on the far contacts is under the threshold; with the reference's
+    # copy, the far contacts are over it
+    assert np.ptp(raw[0][:, far], axis=0).max() < TEMPLATE_FAR_SNR * noise_uv
+    assert np.ptp(arr[0][:, far], axis=0).min() > TEMPLATE_FAR_SNR * noise_uv
+    assert mask[0, far].all()  # kept for the large neuron
+    assert not mask[1, far].any()  # not for the small one
+    assert mask[1, np.argmax(np.ptp(arr[1], axis=0))]
