@@ -33,7 +33,8 @@ from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
 
 class FftWobbleMatch(WobbleMatch):
-    """``WobbleMatch`` (numpy engine) with :func:`fft_objective`; same parameters, same output."""
+    """``WobbleMatch`` (numpy engine) with its objective by FFT (:meth:`objective`) and its set-up's
+    pairwise convolutions by :func:`fft_convolve_templates`; same parameters, same output."""
 
     name = "wobble-fft"
 
@@ -82,7 +83,8 @@ class FftWobbleMatch(WobbleMatch):
                 self.sparsity)
         if len(spike_trains) == 0:
             return np.zeros(0, dtype=_base_matching_dtype)
-        spike_train = np.array(spike_trains)[np.argsort(np.array(spike_trains)[:, 0], kind="stable")]
+        spike_train = np.array(spike_trains)
+        spike_train = spike_train[np.argsort(spike_train[:, 0], kind="stable")]
         spike_train[:, 0] += self.nbefore  # template start -> template centre
         spike_train[:, 1] //= params.jitter_factor  # jittered index -> template index
         at_peak = traces[spike_train[:, 0], :]
