@@ -672,12 +672,12 @@ def _cache(rec, mode: str, job_kwargs: dict):
     units, and the rare sample beyond is clipped) and read back as float32 through a lazy
     one-pass scale (:class:`spikevault.filters.OnePassScaleRecording`). Int16 halves the memory,
     and reading it back costs a tenth of a float16 conversion, which the later passes (motion,
-    templates, matching) pay on every chunk. The step follows the noise, so traces in volts or microvolts quantise alike; a channel whose
-    noise is 50 times the median's keeps +-10 of its own noise units. (A step per channel was
-    tried: static32 0.980 -> 0.959 with 16 units for 15 neurons, drift64 0.856 -> 0.853, within
-    the spread any small perturbation of the traces gives; see BENCHMARKS.md.) Shared memory
-    lets SpikeInterface's worker processes read the cache instead of each receiving a pickled
-    copy.
+    templates, matching) pay on every chunk. The step follows the noise, so traces in volts or
+    microvolts quantise alike; a channel whose noise is 50 times the median's keeps +-10 of its
+    own noise units. (A step per channel was tried: static32 0.980 -> 0.959 with 16 units for 15
+    neurons, drift64 0.856 -> 0.853, within the spread any small perturbation of the traces gives;
+    see BENCHMARKS.md.) Shared memory lets SpikeInterface's worker processes read the cache instead
+    of each receiving a pickled copy.
     """
     if mode == "none":
         return rec
