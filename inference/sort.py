@@ -745,24 +745,35 @@ def _template_spikes(rec, events, labels, p: SortParams, nbefore: int, nafter: i
     return units, spikes
 
 
-#: A template keeps a channel beyond its radius whose peak to peak is at least this many noise
-#: levels. On a short dense probe a large neuron's spike covers more than half the contacts and moves
-#: their median: the common median reference then subtracts a copy of it from every contact (drift64:
-#: 30 uV peak to peak on the far contacts for a 105 uV neuron, the same on all of them to 0.3 uV),
-#: which the template, averaged from the referenced traces, carries. Kept, matching fits and
-#: subtracts the copy with its spike; cut off, it stayed in the residual for far neurons to fit.
+#: A template keeps every channel when the median of its waveforms on the channels beyond its
+#: radius has at least this many noise levels peak to peak (and at least ``TEMPLATE_FAR_MIN_CHANNELS``
+#: channels are there). On a short dense probe a large neuron's spike covers more than half the
+#: contacts and moves their median: the common median reference then subtracts a copy of it from
+#: every contact (drift64: 30 uV peak to peak on the far contacts for a 105 uV neuron, the same on
+#: all of them to 0.3 uV), which the template, averaged from the referenced traces, carries. Kept,
+#: matching fits and subtracts the copy with its spike; cut off, it stayed in the residual for far
+#: neurons to fit. The median over the far channels is the copy; a noisy template's far channels,
+#: each of which can pass 2 noise levels by chance, do not add up to one.
 TEMPLATE_FAR_SNR = 2.0
+#: Fewest channels beyond the radius for their median to tell a copy from noise.
+TEMPLATE_FAR_MIN_CHANNELS = 8
 
 
 def _template_mask(arr: np.ndarray, locations: np.ndarray, noise: np.ndarray, radius_um: float) -> np.ndarray:
     """Channels of each dense template [units, samples, channels]: within ``radius_um`` of its
-    peak channel and at least the noise peak to peak, or farther and at least
-    ``TEMPLATE_FAR_SNR`` times it (the peak channel always)."""
+    peak channel and at least the noise peak to peak (the peak channel always); every channel
+    when the template carries the median reference's copy of its spike (``TEMPLATE_FAR_SNR``)."""
     peak_ch = np.argmax(np.ptp(arr, axis=1), axis=1)
     dist = np.linalg.norm(locations[peak_ch][:, None, :] - locations[None, :, :], axis=2)
     snr = np.ptp(arr, axis=1) / noise[None, :]
-    mask = ((dist <= radius_um) & (snr >= 1.0)) | (snr >= TEMPLATE_FAR_SNR)
+    mask = (dist <= radius_um) & (snr >= 1.0)
     mask[np.arange(len(arr)), peak_ch] = True
+    far = dist > radius_um
+    level = float(np.median(noise))
+    for unit in np.flatnonzero(far.sum(axis=1) >= TEMPLATE_FAR_MIN_CHANNELS):
+        copy = np.median(arr[unit][:, far[unit]], axis=1)
+        if np.ptp(copy) >= TEMPLATE_FAR_SNR * level:
+            mask[unit] = True
     return mask
 
 
