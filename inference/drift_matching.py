@@ -222,6 +222,7 @@ class DriftingWobble(BaseTemplateMatching):
             self.engines.append(FftWobbleMatch(recording, white, return_output=return_output,
                                                parameters=dict(parameters or {})))
         built = [e for e in self.engines if e is not None]
+        self._current = 0
         self.margin = built[0].get_margin() if built else 300  # wobble's own margin
         self.nbefore = templates.nbefore
         self.nafter = templates.nafter
@@ -240,6 +241,10 @@ class DriftingWobble(BaseTemplateMatching):
         from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
 
         index = self.engine_for(start_frame, end_frame, segment_index)
+        if index != self._current and self.engines[self._current] is not None:
+            # one displacement's cached spectra at a time in each worker, not one per displacement
+            self.engines[self._current].release()
+        self._current = index
         if self.engines[index] is None:
             return np.zeros(0, dtype=_base_matching_dtype)
         spikes = self.engines[index].compute_matching(traces, start_frame, end_frame, segment_index)

@@ -50,7 +50,7 @@ class FftWobbleMatch(WobbleMatch):
                              engine="numpy", shared_memory=shared_memory)
         finally:
             wobble.convolve_templates = original
-        self._spectra: dict[int, np.ndarray] = {}
+        self._spectra: tuple[int, np.ndarray] | None = None
 
     def objective(self, traces: np.ndarray) -> np.ndarray:
         """Wobble's objective [templates, len(traces) + samples - 1] for a chunk of traces."""
@@ -58,12 +58,18 @@ class FftWobbleMatch(WobbleMatch):
         rank, units, width = temporal.shape
         length = traces.shape[0] + width - 1
         n = sfft.next_fast_len(length, real=True)
-        if n not in self._spectra:
-            self._spectra[n] = sfft.rfft((temporal * singular).astype(np.float32), n, axis=2)
+        if self._spectra is None or self._spectra[0] != n:
+            # the temporal components' spectra for this transform length (one length for every
+            # full chunk; [rank, units, n/2 + 1] complex64, 18 MB for 30 units at 1 s chunks)
+            self._spectra = (n, sfft.rfft((temporal * singular).astype(np.float32), n, axis=2))
         filtered = (spatial.reshape(rank * units, -1) @ traces.T).reshape(rank, units, -1)
         spectrum = sfft.rfft(filtered, n, axis=2)
-        spectrum *= self._spectra[n]
+        spectrum *= self._spectra[1]
         return sfft.irfft(spectrum.sum(axis=0), n, axis=1)[:, :length].astype(np.float32, copy=False)
+
+    def release(self):
+        """Drop the cached temporal spectra (they are recomputed on the next chunk)."""
+        self._spectra = None
 
     def compute_matching(self, traces, start_frame, end_frame, segment_index):
         assert traces.dtype == np.float32, "traces must be specified as np.float32"
