@@ -8,9 +8,10 @@ with
 
 1. one 2-D matrix product for the spatial filtering (the batched product with a transposed,
    broadcast operand does not reach BLAS: 58 ms against 9 ms on a 64-channel, 30-unit, 1 s chunk);
-2. one real FFT of the filtered rows, multiplied by the temporal components' spectra (computed once
-   per chunk length) and summed over the rank *before* the inverse transform (linearity), so there
-   is one inverse FFT per unit instead of one per (rank, unit).
+2. one real FFT of the filtered rows, multiplied by the temporal components' spectra and summed
+   over the rank *before* the inverse transform (linearity), so there is one inverse FFT per unit
+   instead of one per (rank, unit). The spectra of one transform length are kept
+   (:meth:`FftWobbleMatch.release` drops them).
 
 The result is the same linear convolution in float32, equal to SpikeInterface's to float32
 rounding. Peak finding, subtraction and everything else are wobble's own classmethods;
@@ -76,14 +77,13 @@ class FftWobbleMatch(WobbleMatch):
         params, data = self.params, self.template_data
         objective = self.objective(traces)
         objective_normalized = 2 * objective - data.norm_squared[:, np.newaxis]
-        spike_trains, scalings = [], []
+        spike_trains = []
         for _ in range(params.max_iter):
             spike_train, scaling, _ = self.find_peaks(objective, objective_normalized, np.array(spike_trains),
                                                       params, data, self.template_meta)
             if len(spike_train) == 0:
                 break
             spike_trains.extend(list(spike_train))
-            scalings.extend(list(scaling))
             objective, objective_normalized = self.subtract_spike_train(
                 spike_train, scaling, data, objective, objective_normalized, params, self.template_meta,
                 self.sparsity)
