@@ -12,8 +12,10 @@
     embed               the encoder in batches (or PCA, the ablation)
     cluster             embedding + position, per probe region, in parallel
     curate              split / merge until unimodal and distinct, reject noise clusters
-    match               SpikeInterface template matching (wobble, whitened) recovers missed spikes;
-                        with rigid drift the templates follow the motion over the recorded traces
+    match               SpikeInterface template matching (wobble, whitened; its objective by FFT,
+                        inference.fast_wobble) recovers missed spikes; a template carrying the median
+                        reference's copy of its spike keeps every channel (_template_mask); with rigid
+                        drift the templates follow the motion over the recorded traces
                         (inference.drift_matching), estimated in the rest frame beyond the probe's ends
     final merge         SpikeInterface auto_merge_units joins units split in two (similar templates,
                         close, no refractory violations across the parts)
