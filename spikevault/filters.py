@@ -10,6 +10,15 @@ else (coefficients, margins, direction, serialisation) is SpikeInterface's own
 ``BandpassFilterRecording``; the class is importable, so worker processes rebuild it from its
 kwargs like any SpikeInterface preprocessor.
 
+The forward-backward pass itself is a numba kernel (:func:`sosfiltfilt_float32`) that runs
+SciPy's ``sosfiltfilt`` recurrence (odd extension, ``sosfilt_zi`` initial state, direct form II
+transposed, the same float32 operations in the same order) with the channels in the inner loop,
+where the compiler vectorises them. SciPy filters one channel at a time, a chain of dependent
+multiply-adds per sample. The result is the same bit for bit; on a 1 s chunk it takes 8 ms
+against 64 ms for 64 channels and 51 ms against 320 ms for 384 (2 ms against 18 ms for 32).
+Inputs the kernel does not cover (float64 traces, which SciPy filters in float64; chunks no
+longer than SciPy's padding) go to SciPy.
+
 Common median reference, by one partition per sample. ``np.median`` along the channels of a
 ``[time, channels]`` chunk takes three times longer than ``np.partition`` at the middle index plus
 the maximum of the lower half, which give the same value bit for bit (the mean of the two middle
@@ -28,19 +37,119 @@ cache of the preprocessed traces back through it on every pass.
 from __future__ import annotations
 
 import numpy as np
+from spikeinterface.core.recording_tools import get_chunk_with_margin
 from spikeinterface.preprocessing.common_reference import CommonReferenceRecording
-from spikeinterface.preprocessing.filter import BandpassFilterRecording
+from spikeinterface.preprocessing.filter import BandpassFilterRecording, FilterRecordingSegment
 from spikeinterface.preprocessing.normalize_scale import ScaleRecording, ScaleRecordingSegment
 
 
 class Float32BandpassRecording(BandpassFilterRecording):
-    """``BandpassFilterRecording`` whose second-order sections are float32 (float32 output)."""
+    """``BandpassFilterRecording`` whose second-order sections are float32 (float32 output),
+    filtered forward and backward by :func:`sosfiltfilt_float32`."""
 
     def __init__(self, recording, freq_min=300.0, freq_max=6000.0, margin_ms="auto", dtype="float32", **kwargs):
         super().__init__(recording, freq_min=freq_min, freq_max=freq_max, margin_ms=margin_ms, dtype=dtype, **kwargs)
         if kwargs.get("filter_mode", "sos") == "sos" and np.dtype(self.get_dtype()) == np.float32:
-            for segment in self.segments:
-                segment.coeff = np.asarray(segment.coeff, dtype=np.float32)
+            for i, segment in enumerate(self.segments):
+                fast = _Float32SosSegment(segment.parent_recording_segment, np.asarray(segment.coeff, np.float32),
+                                          segment.filter_mode, segment.margin, segment.dtype,
+                                          add_reflect_padding=segment.add_reflect_padding,
+                                          direction=segment.direction)
+                fast.set_parent_extractor(self)
+                self.segments[i] = fast
+
+
+class _Float32SosSegment(FilterRecordingSegment):
+    def get_traces(self, start_frame, end_frame, channel_indices):
+        if self.direction != "forward-backward":
+            return super().get_traces(start_frame, end_frame, channel_indices)
+        traces, left, right = get_chunk_with_margin(self.parent_recording_segment, start_frame, end_frame,
+                                                    channel_indices, self.margin,
+                                                    add_reflect_padding=self.add_reflect_padding)
+        filtered = sosfiltfilt_float32(self.coeff, traces)
+        filtered = filtered[left:len(filtered) - right]
+        return filtered.astype(self.dtype, copy=False)
+
+
+#: Trace dtypes that float32 holds exactly: scaling them without a float32 copy first is exact.
+_EXACT_IN_FLOAT32 = (np.int8, np.uint8, np.int16, np.uint16, np.float32)
+
+
+def sosfiltfilt_float32(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``scipy.signal.sosfiltfilt(sos, x, axis=0)`` for float32 ``sos`` and a ``[time, channels]``
+    ``x``, the same values bit for bit, by a numba kernel when ``x`` is float32 or an integer type
+    float32 holds exactly (SciPy filters those in float32 too); anything else goes to SciPy."""
+    from scipy.signal import sosfilt_zi, sosfiltfilt
+
+    sos = np.asarray(sos)
+    n_sections = len(sos)
+    edge = 3 * (2 * n_sections + 1 - min(int(np.sum(sos[:, 2] == 0)), int(np.sum(sos[:, 5] == 0))))
+    if (sos.dtype != np.float32 or x.ndim != 2 or x.dtype.type not in _EXACT_IN_FLOAT32
+            or x.shape[0] <= edge + 1):
+        return sosfiltfilt(sos, x, axis=0)
+    zi = np.ascontiguousarray(sosfilt_zi(sos), dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _sosfiltfilt_kernel()(np.ascontiguousarray(sos), zi, x, edge)
+
+
+_KERNEL = None
+
+
+def _sosfiltfilt_kernel():
+    """The compiled kernel, built on first use (numba's on-disk cache makes that a load)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        try:
+            _KERNEL = numba.njit(cache=True, nogil=True)(_sosfiltfilt_py)
+        except RuntimeError:  # no writable cache location
+            _KERNEL = numba.njit(nogil=True)(_sosfiltfilt_py)
+    return _KERNEL
+
+
+def _sosfiltfilt_py(sos, zi, x, edge):
+    """SciPy's sosfiltfilt, written for numba: odd extension by ``edge`` samples at each end,
+    forward pass from ``zi`` times the first extended sample, backward pass from ``zi`` times the
+    forward pass's last output; returns the unextended span."""
+    n, c = x.shape
+    m = n + 2 * edge
+    y = np.empty((m, c), np.float32)
+    cur = np.empty(c, np.float32)
+    two = np.float32(2.0)
+    for i in range(m):  # the odd extension: 2 x[0] - x[edge - i] before, 2 x[-1] - x[-2 - j] after
+        if i < edge:
+            for ch in range(c):
+                y[i, ch] = two * x[0, ch] - x[edge - i, ch]
+        elif i < edge + n:
+            for ch in range(c):
+                y[i, ch] = x[i - edge, ch]
+        else:
+            for ch in range(c):
+                y[i, ch] = two * x[n - 1, ch] - x[2 * n + edge - 2 - i, ch]
+    n_sections = sos.shape[0]
+    z0 = np.empty((n_sections, c), np.float32)
+    z1 = np.empty((n_sections, c), np.float32)
+    for backward in range(2):  # sosfilt forward, then backward over its output, in place
+        start, stop, step = (m - 1, -1, -1) if backward else (0, m, 1)
+        for s in range(n_sections):  # the initial state: zi times the pass's first sample
+            for ch in range(c):
+                z0[s, ch] = zi[s, 0] * y[start, ch]
+                z1[s, ch] = zi[s, 1] * y[start, ch]
+        for i in range(start, stop, step):
+            for ch in range(c):
+                cur[ch] = y[i, ch]
+            for s in range(n_sections):  # direct form II transposed, as SciPy's sosfilt
+                b0, b1, b2, a1, a2 = sos[s, 0], sos[s, 1], sos[s, 2], sos[s, 4], sos[s, 5]
+                for ch in range(c):
+                    xc = cur[ch]
+                    xn = b0 * xc + z0[s, ch]
+                    z0[s, ch] = b1 * xc - a1 * xn + z1[s, ch]
+                    z1[s, ch] = b2 * xc - a2 * xn
+                    cur[ch] = xn
+            for ch in range(c):
+                y[i, ch] = cur[ch]
+    return y[edge:edge + n]
 
 
 def bandpass_float32(recording, freq_min: float, freq_max: float) -> Float32BandpassRecording:
@@ -76,10 +185,6 @@ class FastMedianReferenceRecording(CommonReferenceRecording):
 def common_median_reference(recording) -> FastMedianReferenceRecording:
     """Lazy global common median reference (SpikeInterface's, with a faster median)."""
     return FastMedianReferenceRecording(recording, reference="global", operator="median")
-
-
-#: Trace dtypes that float32 holds exactly: scaling them without a float32 copy first is exact.
-_EXACT_IN_FLOAT32 = (np.int8, np.uint8, np.int16, np.uint16, np.float32)
 
 
 class _OnePassScaleSegment(ScaleRecordingSegment):
