@@ -358,7 +358,8 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     if estimate_motion:
         # 'auto' screens with a cheap estimate first; a forced correction always gets the full one
         screen = p.drift_threshold_um * DRIFT_SCREEN_FRACTION if p.motion_correction == "auto" else None
-        motion, max_disp = estimate_drift(rec, events, channel_index, job_kwargs, seed=p.seed, screen_below_um=screen)
+        motion, max_disp = estimate_drift(rec, events, channel_index, job_kwargs, seed=p.seed, screen_below_um=screen,
+                                          positions=positions)
         motion_info["max_displacement_um"] = None if max_disp is None else round(float(max_disp), 2)
         motion_info["screened_out"] = motion is None and max_disp is not None
         if motion is not None and (p.motion_correction is True or max_disp > p.drift_threshold_um):
@@ -598,23 +599,26 @@ DRIFT_SCREEN_FRACTION = 0.5
 
 def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dict,
                    rigid_below_um: float = 800.0, time_smooth_s: float = 1.0, seed: int = 0,
-                   screen_below_um: float | None = None):
+                   screen_below_um: float | None = None, positions: np.ndarray | None = None):
     """Estimate motion with SpikeInterface from the detected events (``dredge_ap``).
 
-    The events' peaks are localised with SpikeInterface's ``grid_convolution`` (the localisation
-    of its ``dredge_fast`` motion preset: far less biased towards the contacts than a centre of
-    mass, which on a 20 um pitch turns a smooth drift into steps and made the estimate noisy),
-    and ``dredge_ap`` estimates the displacement: rigid on probes shorter than ``rigid_below_um``
+    The events' peaks are localised with SpikeInterface's ``grid_convolution``, the localisation
+    of its ``dredge_fast`` motion preset (its percentile step vectorised, the same positions:
+    :mod:`inference.grid_localization`). It is far less biased towards the contacts than a centre
+    of mass, which on a 20 um pitch turns a smooth drift into steps and made the estimate noisy.
+    ``dredge_ap`` then estimates the displacement: rigid on probes shorter than ``rigid_below_um``
     (a single window; the 400 um non-rigid windows of the preset would sit beyond a short
     probe's ends), non-rigid with 400 um Gaussian windows on longer ones.
 
-    With ``screen_below_um``, a cheap estimate comes first: the same ``dredge_ap`` on centre-of-mass
-    positions (a few seconds; the ``grid_convolution`` localisation is most of the cost, 11.7 s on
-    the 384-channel benchmark against 3.7 s). Its steps make it a poor correction but a good
-    detector (benchmark recordings, screen / full estimate: static np384 0.0 / 0.0 um; drift64
-    and its two seeds, +-20 um zigzags, 21.6 / 20.6, 30.0 / 20.7 and 17.9 / 21.0 um): when it
-    stays within ``screen_below_um`` the recording is taken as static and the full estimate is
-    skipped.
+    With ``screen_below_um``, a cheap estimate comes first: the same ``dredge_ap`` on the events'
+    centre-of-mass ``positions`` (:func:`localize_events`, computed from the extracted events:
+    no pass over the traces; without ``positions``, SpikeInterface's ``center_of_mass`` pass). The
+    full estimate's ``grid_convolution`` pass is most of the cost (6.7 s on the 384-channel
+    benchmark, 6.0 s on drift64, against 0.9 and 1.5 s for the centre-of-mass pass and 0.4-1.8 s
+    for ``dredge_ap``). Its steps make the screen a poor correction but a good detector
+    (benchmark recordings, screen / full estimate: static np384 0.0 / 0.0 um; drift64 and its two
+    seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and 18.8 / 21.0 um): when it stays within
+    ``screen_below_um`` the recording is taken as static and the full estimate is skipped.
 
     Returns (Motion or None, max absolute displacement in um or None). The Motion is None when
     the probe is too short or too two-dimensional for depth drift correction (displacement None
@@ -624,6 +628,8 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     from spikeinterface.sortingcomponents.motion import estimate_motion
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
     from spikeinterface.sortingcomponents.tools import check_probe_for_drift_correction
+
+    from .grid_localization import localize_grid_convolution
 
     cache_spikeinterface_kernels()
     if not check_probe_for_drift_correction(rec):
@@ -643,10 +649,15 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     methods = ["center_of_mass", "grid_convolution"] if screen_below_um is not None else ["grid_convolution"]
     for method in methods:
         try:
-            # seeded: grid_convolution's prototype waveform comes from a random subset of the peaks
-            # (unseeded, two runs gave positions up to 7 um apart and different sortings)
-            locs = localize_peaks(rec, peaks, method=method, job_kwargs=jk,
-                                  **({"seed": seed} if method == "grid_convolution" else {}))
+            if method == "center_of_mass" and positions is not None:
+                locs = np.zeros(len(peaks), dtype=[("x", "float64"), ("y", "float64")])
+                locs["x"], locs["y"] = positions[order, 0], positions[order, 1]
+            elif method == "center_of_mass":
+                locs = localize_peaks(rec, peaks, method=method, job_kwargs=jk)
+            else:
+                # seeded: grid_convolution's prototype waveform comes from a random subset of the
+                # peaks (unseeded, two runs gave positions up to 7 um apart and different sortings)
+                locs = localize_grid_convolution(rec, peaks, jk, seed=seed)
             motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                      win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
                                      histogram_time_smooth_s=time_smooth_s, progress_bar=False)
@@ -1249,17 +1260,17 @@ def noise_fits(amplitudes: np.ndarray, noise_sd: float, min_amplitude: float = C
     every neuron of the benchmarks above ~60 uV.
     """
     from scipy.optimize import minimize
-    from scipy.stats import norm
+    from scipy.special import log_ndtr
 
     a = np.asarray(amplitudes, dtype=np.float64)
     if len(a) < 20 or not np.isfinite(noise_sd) or noise_sd <= 0 or min_amplitude / noise_sd >= NOISE_TEST_MAX_SDS:
         return np.zeros(len(a), dtype=bool)
-    log_noise = norm.logpdf(a / noise_sd) - np.log(noise_sd) - norm.logsf(min_amplitude / noise_sd)
+    log_noise = _norm_logpdf(a / noise_sd) - np.log(noise_sd) - log_ndtr(-(min_amplitude / noise_sd))
 
     def log_unit(theta):
         mu, log_sigma = theta
         sigma = np.exp(log_sigma)
-        return norm.logpdf(a, mu, sigma) - norm.logsf((min_amplitude - mu) / sigma)
+        return _norm_logpdf((a - mu) / sigma) - np.log(sigma) - log_ndtr(-((min_amplitude - mu) / sigma))
 
     theta = np.array([float(np.median(a)), np.log(max(float(np.std(a)), 0.01))])
     share = 0.5
@@ -1275,6 +1286,16 @@ def noise_fits(amplitudes: np.ndarray, noise_sd: float, min_amplitude: float = C
                          options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 200}).x
         theta[1] = max(theta[1], np.log(0.01))
     return p_noise > 0.5
+
+
+def _norm_logpdf(z: np.ndarray) -> np.ndarray:
+    """``scipy.stats.norm.logpdf(z)``, the same expression without the distribution machinery,
+    whose call overhead (about 0.1 ms) was most of :func:`noise_fits`' time (log-sf likewise:
+    ``norm.logsf(z)`` is ``log_ndtr(-z)``)."""
+    return -z ** 2 / 2.0 - _LOG_SQRT_2PI
+
+
+_LOG_SQRT_2PI = float(np.log(np.sqrt(2 * np.pi)))
 
 
 #: Templates at least this similar (cosine, all channels) are one shape at two amplitudes to

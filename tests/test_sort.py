@@ -439,7 +439,7 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     from spikevault.extract import ExtractParams, extract_events, preprocess
     from spikevault.synth import generate_recording
 
-    from inference.sort import _channel_index, estimate_drift, sort
+    from inference.sort import _channel_index, estimate_drift, localize_events, sort
 
     kw = dict(probe="dense64", duration_s=30.0, num_units=5, seed=11, amplitude_range_uv=(250.0, 500.0))
     rec, gt = generate_recording(drift_amplitude_um=20.0, drift_period_s=20.0, **kw)
@@ -460,8 +460,13 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     events = extract_events(prep, params=ExtractParams(), recording_id="static", preprocessed=True, job_kwargs=JOB)
     _, max_disp = estimate_drift(prep, events, _channel_index(events, prep), JOB)
     assert max_disp < 10.0  # below SortParams.drift_threshold_um: 'auto' does not correct it
-    motion, screened = estimate_drift(prep, events, _channel_index(events, prep), JOB, screen_below_um=5.0)
+    channel_index = _channel_index(events, prep)
+    motion, screened = estimate_drift(prep, events, channel_index, JOB, screen_below_um=5.0)
     assert motion is None and screened < 5.0  # the cheap screen alone settles it
+    # the sort's screen: the events' own centre-of-mass positions, no pass over the traces
+    positions = localize_events(events, prep.get_channel_locations(), channel_index)
+    motion, screened = estimate_drift(prep, events, channel_index, JOB, screen_below_um=5.0, positions=positions)
+    assert motion is None and screened < 5.0
 
 
 def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
@@ -653,3 +658,35 @@ def test_templates_keep_the_copy_the_median_reference_spreads_over_a_short_probe
     assert np.median(np.ptp(noisy[:, beyond], axis=0)) > TEMPLATE_FAR_SNR * noise_uv  # most far channels over it
     assert np.ptp(noisy[:, beyond], axis=0).max() < np.ptp(arr[1], axis=0).max()  # the peak stays put
     assert not _template_mask(noisy[None], locations, np.full(64, noise_uv), radius_um=100.0)[0, beyond].any()
+
+
+def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
+    """The motion estimate's grid_convolution localisation, its percentile step vectorised,
+    returns SpikeInterface's positions bit for bit, on a drifting dense probe."""
+    import warnings
+
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+    from spikeinterface.sortingcomponents.peak_localization import localize_peaks
+
+    from inference.grid_localization import localize_grid_convolution, rows_nanpercentile
+    from spikevault.extract import preprocess
+    from spikevault.synth import generate_recording
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((500, 24)).astype(np.float32)
+    scores[scores < 0.3] = np.nan
+    scores[:3] = np.nan  # rows with nothing valid
+    scores[3, 1:] = np.nan  # one valid value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.array_equal(rows_nanpercentile(scores, 95.0), np.nanpercentile(scores, 95.0, axis=1), equal_nan=True)
+
+    rec, _ = generate_recording(probe="dense64", duration_s=6.0, num_units=5, seed=3, drift_amplitude_um=15.0,
+                                drift_period_s=4.0)
+    prep = preprocess(rec)
+    peaks = detect_peaks(prep, method="locally_exclusive", method_kwargs=dict(detect_threshold=5.0), job_kwargs=JOB)
+    assert len(peaks) > 100
+    theirs = localize_peaks(prep, peaks, method="grid_convolution", seed=0, job_kwargs=JOB)
+    ours = localize_grid_convolution(prep, peaks, JOB, seed=0)
+    for axis in ("x", "y", "z"):
+        assert np.array_equal(ours[axis], theirs[axis])
