@@ -207,6 +207,9 @@ def process_recording(corpus_dir: str, config: dict[str, Any], source: dict[str,
     Returns the completion record (``status`` ``"done"`` or ``"skipped"``). With
     ``on_error="raise"`` a bad recording raises :class:`RecordingError` naming the file.
     """
+    from .malloc import keep_freed_memory
+
+    keep_freed_memory()  # chunk after chunk, the extraction reuses its freed temporaries
     cfg = BuildConfig(**{**config, "formats": tuple(config["formats"])})
     rid = source["recording_id"]
     if is_done(corpus_dir, rid):
