@@ -11,8 +11,9 @@ faults were a third of the preprocessing pass.
 
 :func:`keep_freed_memory` sets malloc's ``mmap`` threshold to its maximum (32 MiB) and its trim
 threshold to 1 GiB, so blocks up to 32 MiB come from the heap and freed ones are reused by the
-next chunk. Measured on the 64-channel, 300 s drift benchmark (2 worker processes): preprocessing
-16.8 -> 12.0 s in one process; the whole sort 64-68 -> 53.5 s, with the same sorting. The cost is
+next chunk. Measured on the 64-channel, 300 s drift benchmark: the preprocessing pass took
+8.6-12.3 s before and 6.7-7.2 s after with 2 worker processes (16.8 -> 12.0 s in one process),
+the whole sort 64-68 s before and 53-57 s after, with the same sorting. The cost is
 that a process keeps up to 1 GiB it freed at the top of its heap until it exits (the benchmark
 records the peak memory). Worker processes forked afterwards inherit the setting. Elsewhere than
 Linux with glibc it does nothing.

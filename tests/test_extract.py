@@ -370,3 +370,18 @@ def test_one_pass_scale_equals_spikeinterface_scale():
             assert got.dtype == want.dtype and np.array_equal(got, want)
     for copy in (pickle.loads(pickle.dumps(fast)), load(fast.to_dict())):  # worker processes rebuild it
         assert isinstance(copy, OnePassScaleRecording) and np.array_equal(copy.get_traces(), fast.get_traces())
+
+
+def test_keep_freed_memory_is_in_effect_on_linux_and_idempotent():
+    import sys
+
+    from spikevault.malloc import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert first is (platform.libc_ver()[0] == "glibc")
+    buffers = [np.ones(2_000_000, dtype=np.float32) for _ in range(3)]  # 8 MB blocks, now from the heap
+    assert all(float(b.sum()) == 2_000_000 for b in buffers)
