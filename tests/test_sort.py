@@ -599,6 +599,11 @@ def test_preprocessing_cache_is_int16_in_noise_steps_for_microvolts_and_volts(ea
         err = cached.get_traces() - exact * factor
         assert np.max(np.abs(err)) <= 0.6 * noise * factor / 64  # about half a step of noise/64
         assert 0 < np.std(err) < noise * factor / 100
+        # two worker processes fill the shared memory chunk by chunk
+        # (the same chunks in one process: the filter's chunk margins make chunking matter)
+        chunks = {"chunk_duration": "250ms", "progress_bar": False}
+        two = _cache(traces, "memory", {"n_jobs": 2, **chunks})
+        assert np.array_equal(two.get_traces(), _cache(traces, "memory", {"n_jobs": 1, **chunks}).get_traces())
     big = np.zeros_like(exact)
     big[100, 0] = 1000 * noise  # far beyond the +-500 noise range: clipped, not wrapped around
     with_artifact = NumpyRecording(exact + big, prep.get_sampling_frequency())
