@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -300,26 +302,39 @@ def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np
     return lda.transform(pca.transform(Xall))[:, 0] > cut
 
 
-def split_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> tuple[np.ndarray, int]:
-    """Split every cluster recursively until unimodal. Returns (new labels, number of splits)."""
-    rng = np.random.default_rng(p.seed)
+def split_clusters(events: EventSet, labels: np.ndarray, p: CurationParams,
+                   pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, int]:
+    """Split every cluster recursively until unimodal. Returns (new labels, number of splits).
+
+    Clusters are tested level by level (every cluster, then both sides of each split...), the
+    tests of a level in ``pool``'s threads when given. Each test draws its random subsets from
+    its own generator, seeded by the seed, the cluster's label and the level, so the result does
+    not depend on the threads.
+    """
     labels = labels.copy()
     next_label = int(labels.max()) + 1 if (labels >= 0).any() else 0
     n_splits = 0
-    stack = [(u, 0) for u in np.unique(labels[labels >= 0])]
-    while stack:
-        u, depth = stack.pop()
-        if depth >= p.max_split_depth:
-            continue
-        idx = np.flatnonzero(labels == u)
-        side = _split_once(events, idx, p, rng)
-        if side is None:
-            continue
-        labels[idx[side]] = next_label
-        n_splits += 1
-        stack += [(u, depth + 1), (next_label, depth + 1)]
-        next_label += 1
+    level = [int(u) for u in np.unique(labels[labels >= 0])]
+    for depth in range(p.max_split_depth):
+        if not level:
+            break
+        members = [np.flatnonzero(labels == u) for u in level]
+        rngs = [np.random.default_rng([p.seed, u, depth]) for u in level]
+        sides = _map(pool, lambda idx, rng: _split_once(events, idx, p, rng), members, rngs)
+        tested, level = level, []
+        for u, idx, side in zip(tested, members, sides):
+            if side is None:
+                continue
+            labels[idx[side]] = next_label
+            n_splits += 1
+            level += [u, next_label]
+            next_label += 1
     return labels, n_splits
+
+
+def _map(pool: ThreadPoolExecutor | None, fn, *iterables) -> list:
+    """``list(map(fn, *iterables))``, in ``pool``'s threads when given (results in order)."""
+    return list(pool.map(fn, *iterables) if pool is not None else map(fn, *iterables))
 
 
 # ------------------------------------------------------------------------------------ merge
@@ -402,9 +417,16 @@ def _refractory_ok(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: Curation
     return violations <= p.merge_max_refractory_ratio * expected
 
 
-def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> tuple[np.ndarray, int]:
-    """Merge similar clusters whose union is unimodal, until no pair merges. Returns (labels, merges)."""
-    rng = np.random.default_rng(p.seed + 1)
+def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams,
+                   pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, int]:
+    """Merge similar clusters whose union is unimodal, until no pair merges. Returns (labels, merges).
+
+    Each round goes down the candidate pairs from the most similar, merging a pair when neither
+    cluster merged earlier in the round. The unimodality tests run in ``pool``'s threads when
+    given, a run of consecutive pairs with no cluster in common at a time (none of them can then
+    change whether another is tested), each with its own generator seeded by the seed and the
+    pair's labels: the same merges as one at a time.
+    """
     labels = labels.copy()
     total = 0
     tested: dict[tuple, bool] = {}
@@ -424,36 +446,56 @@ def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams) -> t
                 if sim >= min(p.merge_min_similarity, p.merge_time_similarity):
                     pairs.append((sim, i, j, shift))
         pairs.sort(reverse=True)
-        used: set[int] = set()
-        merged = 0
-        for sim, i, j, shift in pairs:
-            if i in used or j in used:
-                continue
-            key = (int(units[i]), int(counts[i]), int(units[j]), int(counts[j]))
-            if key in tested:
-                continue
-            ia, ib = np.flatnonzero(labels == units[i]), np.flatnonzero(labels == units[j])
+        members = {k: np.flatnonzero(labels == units[k]) for k in sorted({k for _, i, j, _ in pairs for k in (i, j)})}
+
+        def decide(pair) -> tuple[bool, float]:
+            sim, i, j, shift = pair
+            ia, ib = members[i], members[j]
             ratio = min(peak_amp[i], peak_amp[j]) / max(peak_amp[i], peak_amp[j], 1e-9)
             if (sim >= p.merge_sure_similarity and ratio >= p.merge_sure_amplitude_ratio
                     and _refractory_ok(events, ia, ib, p)):
-                ok, dip = True, 0.0
-            elif (sim >= p.merge_time_similarity and _time_overlap(events, ia, ib, p) < p.merge_time_overlap
-                  and _refractory_ok(events, ia, ib, p)):
-                ok, dip = True, 0.0
-            elif sim < p.merge_min_similarity:
-                ok, dip = False, np.inf
-            else:
-                ok, dip = _merge_test(events, ia, ib, templates[i], templates[j], shift, p, rng)
-            tested[key] = ok
-            logger.debug("merge test %d+%d sim=%.2f dip=%.2f -> %s", units[i], units[j], sim, dip, ok)
-            if ok:
-                labels[ib] = units[i]
-                used.update((i, j))
-                merged += 1
+                return True, 0.0
+            if (sim >= p.merge_time_similarity and _time_overlap(events, ia, ib, p) < p.merge_time_overlap
+                    and _refractory_ok(events, ia, ib, p)):
+                return True, 0.0
+            if sim < p.merge_min_similarity:
+                return False, np.inf
+            rng = np.random.default_rng([p.seed + 1, int(units[i]), int(units[j])])
+            return _merge_test(events, ia, ib, templates[i], templates[j], shift, p, rng)
+
+        used: set[int] = set()
+        merged = 0
+        k = 0
+        while k < len(pairs):
+            batch, seen = [], set()  # the next run of pairs still to decide that share no cluster
+            while k < len(pairs):
+                _, i, j, _ = pairs[k]
+                if i in used or j in used or _key(units, counts, i, j) in tested:
+                    k += 1
+                    continue
+                if i in seen or j in seen:
+                    break
+                batch.append(pairs[k])
+                seen.update((i, j))
+                k += 1
+            for pair, (ok, dip) in zip(batch, _map(pool, decide, batch)):
+                sim, i, j, _ = pair
+                tested[_key(units, counts, i, j)] = ok
+                logger.debug("merge test %d+%d sim=%.2f dip=%.2f -> %s", units[i], units[j], sim, dip, ok)
+                if ok:
+                    labels[members[j]] = units[i]
+                    used.update((i, j))
+                    merged += 1
         total += merged
         if merged == 0:
             break
     return labels, total
+
+
+def _key(units: np.ndarray, counts: np.ndarray, i: int, j: int) -> tuple[int, int, int, int]:
+    """A pair's key in the merge loop's record of decided pairs: labels and sizes (a cluster
+    that grew is a new cluster)."""
+    return int(units[i]), int(counts[i]), int(units[j]), int(counts[j])
 
 
 # ------------------------------------------------------------------------------------ noise
@@ -506,6 +548,7 @@ def curate(
     duration_s: float,
     nbefore: int,
     params: CurationParams | None = None,
+    n_jobs: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Split and merge until stable, then reject noise clusters.
 
@@ -519,6 +562,8 @@ def curate(
     nbefore : int
         Samples before the peak in the event window (the detection sample).
     params : CurationParams
+    n_jobs : int
+        Threads for the split and merge tests (the result does not depend on it).
 
     Returns
     -------
@@ -536,15 +581,16 @@ def curate(
     units, counts = np.unique(labels[labels >= 0], return_counts=True)
     for u in units[counts < p.min_cluster_size // 2]:
         labels[labels == u] = -1
-    for r in range(p.max_rounds):
-        labels, n_split = split_clusters(events, labels, p)
-        labels, n_merge = merge_clusters(events, labels, p)
-        stats["rounds"].append({"splits": n_split, "merges": n_merge})
-        logger.info("curation round %d: %d splits, %d merges", r + 1, n_split, n_merge)
-        if n_split == 0 and n_merge == 0:
-            break
-        if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
-            break  # split/merge ping-pong: stable enough
+    with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as pool:
+        for r in range(p.max_rounds):
+            labels, n_split = split_clusters(events, labels, p, pool)
+            labels, n_merge = merge_clusters(events, labels, p, pool)
+            stats["rounds"].append({"splits": n_split, "merges": n_merge})
+            logger.info("curation round %d: %d splits, %d merges", r + 1, n_split, n_merge)
+            if n_split == 0 and n_merge == 0:
+                break
+            if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
+                break  # split/merge ping-pong: stable enough
     before = labels.copy()
     labels, reason = reject_noise(events, labels, duration_s, nbefore, p)
     out = np.full(len(labels), -1, dtype=np.int64)

@@ -407,7 +407,8 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     neigh, _, _ = neighbour_table(rec.get_channel_locations(), schema.num_channels)
     event_set = EventSet(events["waveform"], neigh[channel_index], rec.get_channel_locations()[:, :2], noise,
                          times_s=_event_times_s(events, rec))
-    labels, reason, cstats = curate(event_set, labels, duration_s, schema.nbefore, p.curation)
+    labels, reason, cstats = curate(event_set, labels, duration_s, schema.nbefore, p.curation,
+                                    n_jobs=job_kwargs.get("n_jobs", 1))
     info["curation"] = cstats
     info["num_events"] = int(len(labels))
     info["num_rejected_events"] = int(np.sum(labels < 0))

@@ -145,6 +145,20 @@ def test_curate_merges_a_fragment_and_rejects_noise_clusters():
     assert np.all(out == -1) and set(np.unique(reason[:15])) <= {1, 2}
 
 
+def test_curation_threads_give_the_same_labels_as_one():
+    """Split and merge tests run in threads, each with its own seeded generator: the labels do
+    not depend on n_jobs (a cluster to split, halves to merge, a fragment)."""
+    events, truth = _event_set()
+    cut = truth * 2
+    cut[: len(truth) // 4] = 1
+    cut[-10:] = 9
+    for labels in (np.zeros(len(truth), dtype=np.int64), cut):
+        one = curate(events, labels, duration_s=10.0, nbefore=12, params=CurationParams())
+        two = curate(events, labels, duration_s=10.0, nbefore=12, params=CurationParams(), n_jobs=2)
+        assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1]) and one[2] == two[2]
+        assert one[2]["final_clusters"] == 2
+
+
 
 def test_noise_rejection_reads_the_channels_most_events_carry():
     """A unit whose trough reaches a far channel earlier (a propagating spike) is kept: that channel
