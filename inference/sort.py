@@ -625,12 +625,13 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     With ``screen_below_um``, a cheap estimate comes first: the same ``dredge_ap`` on the events'
     centre-of-mass ``positions`` (:func:`localize_events`, computed from the extracted events:
     no pass over the traces; without ``positions``, SpikeInterface's ``center_of_mass`` pass). The
-    full estimate's ``grid_convolution`` pass is most of the cost (6.7 s on the 384-channel
-    benchmark, 6.0 s on drift64, against 0.9 and 1.5 s for the centre-of-mass pass and 0.4-1.8 s
-    for ``dredge_ap``). Its steps make the screen a poor correction but a good detector
-    (benchmark recordings, screen / full estimate: static np384 0.0 / 0.0 um; drift64 and its two
-    seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and 18.8 / 21.0 um): when it stays within
-    ``screen_below_um`` the recording is taken as static and the full estimate is skipped.
+    full estimate's ``grid_convolution`` pass is most of the cost (SpikeInterface's, in its 1 s
+    chunks: 6.7 s on the 384-channel benchmark, 6.0 s on drift64, against 0.9 and 1.5 s for its
+    centre-of-mass pass and 0.4-1.8 s for ``dredge_ap``). Its steps make the screen a poor
+    correction but a good detector (benchmark recordings, screen / full estimate: static np384
+    0.0 / 0.0 um; drift64 and its two seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and
+    18.8 / 21.0 um): when it stays within ``screen_below_um`` the recording is taken as static
+    and the full estimate is skipped.
 
     Returns (Motion or None, max absolute displacement in um or None). The Motion is None when
     the probe is too short or too two-dimensional for depth drift correction (displacement None
@@ -669,7 +670,9 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
             else:
                 # seeded: grid_convolution's prototype waveform comes from a random subset of the
                 # peaks (unseeded, two runs gave positions up to 7 um apart and different sortings)
-                locs = localize_grid_convolution(rec, peaks, jk, seed=seed)
+                # in 10 s chunks: the method works channel by channel within a chunk, a few peaks
+                # at a time in 1 s chunks (drift64: 7.1 s against 2.1 s, the same positions)
+                locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": "10s"}, seed=seed)
             motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                      win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
                                      histogram_time_smooth_s=time_smooth_s, progress_bar=False)
