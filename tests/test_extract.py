@@ -361,7 +361,8 @@ def test_one_pass_scale_equals_spikeinterface_scale():
     # int16 -> float32 (the sort's cache read back), float32 -> int16 (writing it), an offset,
     # float64 traces (converted to float32 first, as SpikeInterface does)
     cases = [(as_int16, 0.137, 0.0, "float32"), (rec, 7.3, 0.0, "int16"), (as_int16, 0.137, 2.5, "float32"),
-             (spre.scale(rec, gain=1.0, dtype="float64"), 0.5, 0.0, "float32")]
+             (spre.scale(rec, gain=1.0, dtype="float64"), 0.5, 0.0, "float32"),
+             (rec, np.linspace(0.5, 2.0, 32), np.linspace(-3.0, 3.0, 32), "float32")]  # gains, offsets per channel
     for source, gain, offset, dtype in cases:
         fast = OnePassScaleRecording(source, gain=gain, offset=offset, dtype=dtype)
         reference = spre.scale(source, gain=gain, offset=offset, dtype=dtype)
