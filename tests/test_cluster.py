@@ -88,6 +88,11 @@ def test_regions_and_parallel_region_clustering():
     for u in np.unique(labels[labels >= 0]):
         assert len(np.unique(reg[labels == u])) == 1
     assert len(np.unique(labels[labels >= 0])) == 4
+    # the worker processes give what one process gives
+    for method in ("gmm", "hdbscan"):
+        params = ClusterParams(method=method, region_um=200.0)
+        assert np.array_equal(cluster_by_region(X, depth, params, n_jobs=2)[0],
+                              cluster_by_region(X, depth, params, n_jobs=1)[0])
 
 
 def _event_set(seed=0, n=400):
