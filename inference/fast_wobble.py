@@ -121,6 +121,7 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
     # [templates, rank, channels], zero off the visible channels, scaled by the singular values
     filters = spatial[:, :approx_rank, :] * visible * singular[:, :approx_rank, np.newaxis]
     spectra = sfft.rfft(temporal[:, :, :approx_rank], n, axis=1)  # [templates, frequencies, rank]
+    rank = filters.shape[1]  # approx_rank, or fewer with fewer channels (one on a single wire)
     jittered_indices = np.asarray(jittered_indices)
     template_of = jittered_indices // jitter_factor
     pairwise: list = [None] * len(jittered_indices)
@@ -131,8 +132,8 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
         k = len(overlapping)
         reconstructed = np.flip((temporal_jittered[jittered] * singular[template_index]) @ spatial[template_index],
                                 axis=1)  # [jitters, samples, channels], time-reversed
-        filtered = (reconstructed @ filters[overlapping].reshape(k * approx_rank, -1).T).reshape(
-            len(rows), num_samples, k, approx_rank)
+        filtered = (reconstructed @ filters[overlapping].reshape(k * rank, -1).T).reshape(
+            len(rows), num_samples, k, rank)
         spectrum = sfft.rfft(filtered, n, axis=1)  # [jitters, frequencies, overlapping, rank]
         spectrum *= spectra[overlapping].transpose(1, 0, 2)[np.newaxis]
         convolved = sfft.irfft(spectrum.sum(axis=3), n, axis=1)[:, :length].astype(np.float32)

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def recording_and_templates():
+def _recording_and_templates(probe="linear32", num_units=8):
     from spikeinterface.core import create_sorting_analyzer
     from spikeinterface.core.sparsity import ChannelSparsity
 
     from spikevault.synth import generate_recording
 
-    rec, gt = generate_recording(probe="linear32", duration_s=4.0, num_units=8, seed=3)
+    rec, gt = generate_recording(probe=probe, duration_s=4.0, num_units=num_units, seed=3)
     analyzer = create_sorting_analyzer(gt, rec, sparse=False)
     analyzer.compute(["random_spikes", "templates"])
     templates = analyzer.get_extension("templates").get_data(outputs="Templates")
@@ -22,12 +21,18 @@ def recording_and_templates():
     return rec, templates.to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
 
 
-def test_fft_convolve_templates_equals_wobbles(recording_and_templates):
+@pytest.fixture(scope="module")
+def recording_and_templates():
+    return _recording_and_templates()
+
+
+@pytest.mark.parametrize("probe", ["linear32", "single"])  # a single wire: rank 1, not wobble's 5
+def test_fft_convolve_templates_equals_wobbles(recording_and_templates, probe):
     from spikeinterface.sortingcomponents.matching import wobble
 
     from inference.fast_wobble import fft_convolve_templates
 
-    _, templates = recording_and_templates
+    _, templates = recording_and_templates if probe == "linear32" else _recording_and_templates(probe, 2)
     params = wobble.WobbleParameters(threshold=25.0)
     dense = templates.get_dense_templates()
     meta = wobble.TemplateMetadata.from_parameters_and_templates(params, dense)
