@@ -3,15 +3,18 @@
 ::
 
     load + check        spikevault.extract.load_recording / check_recording (clear errors)
-    preprocess          bandpass + common median reference, the model's own parameters
+    preprocess          bandpass + common median reference, the model's own parameters (the
+                        filter a numba kernel, spikevault.filters), cached in RAM as int16
     detect + extract    spikevault.extract.extract_events: the corpus builder's code path
     localise            centre of mass of each event's K channels (SpikeInterface's method)
-    motion              dense probes: dredge_ap (rigid on short probes) on centre-of-mass positions
-                        screens for drift, then on grid_convolution positions estimates it;
-                        interpolate_motion (kriging) + re-extraction when drift is found
+    motion              dense probes: dredge_ap (rigid on short probes) on the events' centre-of-mass
+                        positions screens for drift, then on grid_convolution positions
+                        (inference.grid_localization) estimates it; interpolate_motion (kriging)
+                        + re-extraction when drift is found
     embed               the encoder in batches (or PCA, the ablation)
-    cluster             embedding + position, per probe region, in parallel
-    curate              split / merge until unimodal and distinct, reject noise clusters
+    cluster             embedding + position, per probe region, in forked worker processes
+    curate              split / merge until unimodal and distinct (tests in n_jobs threads),
+                        reject noise clusters
     match               SpikeInterface template matching (wobble, whitened; its objective by FFT,
                         inference.fast_wobble) recovers missed spikes; a template carrying the median
                         reference's copy of its spike keeps every channel (_template_mask); with rigid
@@ -287,14 +290,14 @@ def sort(
         import sklearn.cluster  # noqa: F401 - load sklearn's OpenMP and BLAS before limiting them
         from threadpoolctl import threadpool_limits
 
-        # One BLAS/OpenMP thread: the numerics here are many small matrices, where OpenBLAS and
-        # OpenMP threads only spin (several times slower on a busy machine); parallelism comes
-        # from job_kwargs' n_jobs (processes) and the encoder's torch threads.
         from spikevault.malloc import keep_freed_memory
 
         # every pass allocates the same large temporaries chunk after chunk: reusing freed memory
         # instead of page-faulting fresh pages took a sixth off the drift benchmark's wall time
         keep_freed_memory()
+        # One BLAS/OpenMP thread: the numerics here are many small matrices, where OpenBLAS and
+        # OpenMP threads only spin (several times slower on a busy machine); parallelism comes
+        # from job_kwargs' n_jobs (processes) and the encoder's torch threads.
         with threadpool_limits(limits=1):
             result = _run(recording, model, p, out, job_kwargs, timings, recording_id)
         sorting, info = result["sorting"], result["info"]
@@ -668,10 +671,10 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
             elif method == "center_of_mass":
                 locs = localize_peaks(rec, peaks, method=method, job_kwargs=jk)
             else:
-                # seeded: grid_convolution's prototype waveform comes from a random subset of the
-                # peaks (unseeded, two runs gave positions up to 7 um apart and different sortings)
-                # in 10 s chunks: the method works channel by channel within a chunk, a few peaks
-                # at a time in 1 s chunks (drift64: 7.1 s against 2.1 s, the same positions)
+                # Seeded: grid_convolution's prototype waveform comes from a random subset of the
+                # peaks (unseeded, two runs gave positions up to 7 um apart and different sortings).
+                # In 10 s chunks: the method works channel by channel within a chunk, a few peaks
+                # at a time in 1 s chunks (drift64: 7.1 s against 2.1 s, the same positions).
                 locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": "10s"}, seed=seed)
             motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                      win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
