@@ -344,12 +344,30 @@ def _in_processes(fn, items: list, n_jobs: int) -> list:
     """``[fn(item) for item in items]`` in up to ``n_jobs`` worker processes, forked where the
     platform can (started in milliseconds, inheriting the loaded modules: joblib's default
     workers, started fresh, took 1.5-2 s before the first region, more than clustering all the
-    regions of the benchmarks in one process, 0.3-1.3 s)."""
+    regions of the benchmarks in one process, 0.3-1.3 s).
+
+    Each worker first limits its BLAS and OpenMP pools to one thread, as SpikeInterface's forked
+    workers do. An OpenMP runtime that ran a parallel region before the fork has a thread pool
+    the child does not have: without the limit, scikit-learn's KMeans (in the GMM's set-up)
+    waited for those threads forever in the child.
+    """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     import hdbscan  # noqa: F401 - loaded once here, inherited by the forked workers
 
     context = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    with ProcessPoolExecutor(max_workers=min(n_jobs, len(items)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(n_jobs, len(items)), mp_context=context,
+                             initializer=_one_thread) as pool:
         return list(pool.map(fn, items))
+
+
+def _one_thread() -> None:
+    """Worker initializer: one BLAS and one OpenMP thread for the worker's lifetime."""
+    from threadpoolctl import threadpool_limits
+
+    global _WORKER_LIMITS
+    _WORKER_LIMITS = threadpool_limits(limits=1)
+
+
+_WORKER_LIMITS = None  # a worker's thread limits, kept for its lifetime

@@ -252,3 +252,32 @@ def test_refractory_check_separates_one_neuron_from_two():
 
     assert check(one[0::2], one[1::2])  # one neuron split in two (by amplitude, or by drift phase)
     assert not check(one, other)  # two neurons
+
+
+def test_forked_region_workers_survive_an_openmp_pool_in_the_parent():
+    """An OpenMP runtime that ran a parallel region with two threads before the fork left its
+    pool behind in the parent: the forked region workers must not wait for it (they hung in
+    scikit-learn's KMeans before the workers limited themselves to one thread). Run in a fresh
+    interpreter, with a timeout, so a hang fails the test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import numpy as np
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+from inference.cluster import ClusterParams, cluster_by_region
+X = np.random.default_rng(0).normal(size=(4000, 8))
+with threadpool_limits(limits=2, user_api="openmp"):
+    KMeans(5, n_init=2, random_state=0).fit(X)
+y = np.where(np.arange(len(X)) < 2000, 100.0, 600.0)
+labels, _ = cluster_by_region(X, y, ClusterParams(method="gmm", region_um=200.0), n_jobs=2)
+print("regions clustered", labels.max() + 1)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "regions clustered" in out.stdout
