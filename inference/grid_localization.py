@@ -9,8 +9,9 @@ on the 64-channel, 300 s drift benchmark (34,500 peaks).
 
 :func:`rows_nanpercentile` computes the same percentiles by sorting the rows once and calling
 ``np.percentile`` on every group of rows with the same number of valid scores, a few calls per
-chunk: the same values bit for bit (numpy's interpolation, per element, on the same sorted
-values). Everything else is SpikeInterface's ``compute``, unchanged.
+peak channel of a chunk instead of one per peak: the same values bit for bit (numpy's
+interpolation, per element, on the same sorted values). Everything else is SpikeInterface's
+``compute``, unchanged.
 """
 
 from __future__ import annotations

@@ -68,6 +68,8 @@ class _Float32SosSegment(FilterRecordingSegment):
         traces, left, right = get_chunk_with_margin(self.parent_recording_segment, start_frame, end_frame,
                                                     channel_indices, self.margin,
                                                     add_reflect_padding=self.add_reflect_padding)
+        if traces.dtype.kind == "u":  # as SpikeInterface's segment does
+            traces = traces.astype(np.float32)
         filtered = sosfiltfilt_float32(self.coeff, traces)
         filtered = filtered[left:len(filtered) - right]
         return filtered.astype(self.dtype, copy=False)
