@@ -58,7 +58,7 @@ def main() -> int:
     ep = ExtractParams()
     jk = dict(n_jobs=args.n_jobs, progress_bar=False, chunk_duration="1s")
     prep = preprocess(rec, ep).save(format="memory", **jk)
-    noise = get_noise_levels(prep, return_in_uV=False)
+    noise = get_noise_levels(prep, return_in_uV=False, random_slices_kwargs=dict(seed=0))
     spikes = gt.to_spike_vector()
     window = int(0.4e-3 * fs)
     rows = []
