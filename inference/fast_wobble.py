@@ -18,6 +18,11 @@ rounding. Peak finding, subtraction and everything else are wobble's own classme
 :meth:`FftWobbleMatch.compute_matching` is wobble's loop with that objective, and the per-spike
 peak channel and voltage it reports taken with one vectorised ``argmax`` instead of a Python loop.
 
+Wobble's subtraction of each iteration's spikes from the objective (a fancy-indexed update per
+spike, then the refractory periods enforced over the whole spike train again after each jittered
+template) is :meth:`FftWobbleMatch.subtract_spike_train`: one numba loop and one refractory pass,
+the same objective bit for bit.
+
 Wobble's set-up convolves every (jittered template, overlapping template) pair rank by rank with
 ``np.convolve``, tens of thousands of tiny calls per template set (6 s for the 22 displacement
 steps of :class:`inference.drift_matching.DriftingWobble` on a 64-channel, 28-unit recording, in
@@ -52,6 +57,7 @@ class FftWobbleMatch(WobbleMatch):
         finally:
             wobble.convolve_templates = original
         self._spectra: tuple[int, np.ndarray] | None = None
+        self._overlap_units: tuple[np.ndarray, np.ndarray] | None = None
 
     def objective(self, traces: np.ndarray) -> np.ndarray:
         """Wobble's objective [templates, len(traces) + samples - 1] for a chunk of traces."""
@@ -71,6 +77,37 @@ class FftWobbleMatch(WobbleMatch):
     def release(self):
         """Drop the cached temporal spectra (they are recomputed on the next chunk)."""
         self._spectra = None
+
+    def subtract_spike_train(self, spike_train, scalings, template_data, objective, objective_normalized, params,
+                             template_meta, sparsity):
+        """Wobble's ``subtract_spike_train``, the same values bit for bit, in a numba kernel, with the
+        refractory periods enforced once for the whole spike train.
+
+        Wobble enforces them again after each jittered template's spikes (28 times per iteration on
+        drift64: 2 of wobble's 16 s there). Setting ``-inf`` is idempotent and ``-inf`` stays ``-inf``
+        under the later subtractions, so once at the end gives the same objective. The spikes are
+        subtracted in wobble's order (jittered template by template, then spike by spike).
+        """
+        if not params.shared_memory or len(spike_train) == 0:
+            return super().subtract_spike_train(spike_train, scalings, template_data, objective,
+                                                objective_normalized, params, template_meta, sparsity)
+        from spikevault.filters import _compiled
+
+        if self._overlap_units is None:  # each jittered template's overlapping templates, padded
+            overlap = np.asarray(sparsity.unit_overlap, dtype=bool)
+            counts = overlap.sum(axis=1).astype(np.int64)
+            units = np.zeros((len(overlap), max(int(counts.max()), 1)), dtype=np.int64)
+            for j, row in enumerate(overlap):
+                units[j, : counts[j]] = np.flatnonzero(row)
+            self._overlap_units = (units, counts)
+        units, counts = self._overlap_units
+        order = np.argsort(spike_train[:, 1], kind="stable")
+        _compiled(_subtract_py)(np.ascontiguousarray(spike_train[order, 0], dtype=np.int64),
+                                np.ascontiguousarray(spike_train[order, 1], dtype=np.int64),
+                                np.ascontiguousarray(scalings[order]), units, counts,
+                                template_data.pairwise_convolution[0], objective, objective_normalized,
+                                bool(params.scale_amplitudes))
+        return self.enforce_refractory(spike_train, objective, objective_normalized, params, template_meta)
 
     def compute_matching(self, traces, start_frame, end_frame, segment_index):
         assert traces.dtype == np.float32, "traces must be specified as np.float32"
@@ -101,6 +138,24 @@ class FftWobbleMatch(WobbleMatch):
         spikes["channel_index"] = channels
         spikes["amplitude"] = np.abs(at_peak[np.arange(len(channels)), channels])
         return spikes
+
+
+def _subtract_py(starts, jittered, scalings, overlap_units, overlap_counts, pconv, objective, objective_normalized,
+                 scale_amplitudes):
+    """Wobble's subtraction loop for numba: each spike's pairwise convolutions leave the objective
+    rows of the templates its template overlaps (``2 * pconv`` from the normalised objective,
+    ``pconv * scaling`` from the objective), spike by spike in the order given, in the arrays'
+    own precision (``x + x`` is ``2 * x`` exactly)."""
+    length = pconv.shape[2]
+    for s in range(len(starts)):
+        j, start, scaling = jittered[s], starts[s], scalings[s]
+        for k in range(overlap_counts[j]):
+            unit = overlap_units[j, k]
+            for t in range(length):
+                value = pconv[j, k, t]
+                objective_normalized[unit, start + t] -= value + value
+                if scale_amplitudes:
+                    objective[unit, start + t] -= value * scaling
 
 
 def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jittered_indices, sparsity):

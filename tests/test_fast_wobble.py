@@ -50,14 +50,15 @@ def test_fft_convolve_templates_equals_wobbles(recording_and_templates, probe):
         assert np.max(np.abs(g - w)) < 1e-5 * scale
 
 
-def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates):
+@pytest.mark.parametrize("amplitude_variance", [0.0, 1.0])  # 1.0: the sort's (amplitudes scaled)
+def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates, amplitude_variance):
     from spikeinterface.sortingcomponents.matching import wobble
     from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
     from inference.fast_wobble import FftWobbleMatch, fft_convolve_templates
 
     rec, templates = recording_and_templates
-    params = {"threshold": 25.0, "refractory_period_frames": 10}
+    params = {"threshold": 25.0, "refractory_period_frames": 10, "amplitude_variance": amplitude_variance}
     reference = WobbleMatch(rec, templates, parameters=dict(params), engine="numpy")
     fast = FftWobbleMatch(rec, templates, parameters=dict(params))
     assert wobble.convolve_templates is not fft_convolve_templates  # the swap ends with the set-up
@@ -78,3 +79,37 @@ def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates):
         reference.clean()
         fast.clean()
     assert total > 50  # the recording's spikes were found, not an empty match on both sides
+
+
+@pytest.mark.parametrize("amplitude_variance", [0.0, 0.1])  # the sort's: amplitudes scaled
+def test_subtraction_equals_wobbles_bit_for_bit(recording_and_templates, amplitude_variance):
+    """The numba subtraction with one refractory pass leaves the objective wobble's loop leaves."""
+    from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
+
+    from inference.fast_wobble import FftWobbleMatch
+
+    rec, templates = recording_and_templates
+    fast = FftWobbleMatch(rec, templates, parameters={"threshold": 25.0, "refractory_period_frames": 10,
+                                                      "amplitude_variance": amplitude_variance})
+    assert fast.params.scale_amplitudes == (amplitude_variance > 0)
+    margin = fast.get_margin()
+    traces = rec.get_traces(start_frame=0, end_frame=rec.sampling_frequency // 2 + 2 * margin).astype(np.float32)
+    data, params = fast.template_data, fast.params
+    objective = fast.objective(traces)
+    normalized = 2 * objective - data.norm_squared[:, np.newaxis]
+    checked = 0
+    try:
+        for _ in range(3):  # wobble's first iterations: the spikes of each overlap many templates
+            train, scaling, _ = fast.find_peaks(objective, normalized, np.array([]), params, data, fast.template_meta)
+            if len(train) == 0:
+                break
+            args = (params, fast.template_meta, fast.sparsity)
+            want = WobbleMatch.subtract_spike_train(train, scaling, data, objective.copy(), normalized.copy(), *args)
+            got = fast.subtract_spike_train(train, scaling, data, objective.copy(), normalized.copy(), *args)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and np.array_equal(g, w)  # -inf where wobble has -inf
+            objective, normalized = got
+            checked += len(train)
+    finally:
+        fast.clean()
+    assert checked > 20
