@@ -38,6 +38,11 @@ from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
 from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
 
+#: Products restricted to the nonzero span go unit by unit (or block by block) when the spans cover
+#: at most this fraction of the dense product's operations.
+SPARSE_FRACTION = 0.5
+
+
 class FftWobbleMatch(WobbleMatch):
     """``WobbleMatch`` (numpy engine) with its objective by FFT (:meth:`objective`) and its set-up's
     pairwise convolutions by :func:`fft_convolve_templates`; same parameters, same output."""
@@ -58,6 +63,7 @@ class FftWobbleMatch(WobbleMatch):
             wobble.convolve_templates = original
         self._spectra: tuple[int, np.ndarray] | None = None
         self._overlap_units: tuple[np.ndarray, np.ndarray] | None = None
+        self._spans: list | bool | None = None
 
     def objective(self, traces: np.ndarray) -> np.ndarray:
         """Wobble's objective [templates, len(traces) + samples - 1] for a chunk of traces."""
@@ -69,10 +75,32 @@ class FftWobbleMatch(WobbleMatch):
             # the temporal components' spectra for this transform length (one length for every
             # full chunk; [rank, units, n/2 + 1] complex64, 18 MB for 30 units at 1 s chunks)
             self._spectra = (n, sfft.rfft((temporal * singular).astype(np.float32), n, axis=2))
-        filtered = (spatial.reshape(rank * units, -1) @ traces.T).reshape(rank, units, -1)
+        spans = self._channel_spans()
+        if spans is None:
+            filtered = (spatial.reshape(rank * units, -1) @ traces.T).reshape(rank, units, -1)
+        else:  # each unit over the span of its visible channels (off them its components are ~0)
+            filtered = np.empty((rank, units, traces.shape[0]), dtype=np.result_type(spatial, traces))
+            for unit, (first, stop) in enumerate(spans):
+                filtered[:, unit] = spatial[:, unit, first:stop] @ traces[:, first:stop].T
         spectrum = sfft.rfft(filtered, n, axis=2)
         spectrum *= self._spectra[1]
         return sfft.irfft(spectrum.sum(axis=0), n, axis=1)[:, :length].astype(np.float32, copy=False)
+
+    def _channel_spans(self) -> list[tuple[int, int]] | None:
+        """Each unit's first and last visible channel (+1), or None when the spans together cover
+        more than half of the dense product (then one matrix product is faster).
+
+        Wobble's spatial components come from templates zeroed off their visible channels, so
+        beyond the span they are zero to rounding: on a 384-channel probe the spatial filtering
+        per unit over its span is 10 times fewer operations than the dense product, the
+        objective the same to float32 rounding."""
+        if self._spans is None:
+            visible = np.asarray(self.sparsity.visible_channels, dtype=bool)
+            spans = [(int(np.flatnonzero(v)[0]), int(np.flatnonzero(v)[-1]) + 1) if v.any() else (0, 0)
+                     for v in visible]
+            cost = sum(stop - first for first, stop in spans)
+            self._spans = spans if cost <= SPARSE_FRACTION * visible.size else False
+        return self._spans or None
 
     def release(self):
         """Drop the cached temporal spectra (they are recomputed on the next chunk)."""

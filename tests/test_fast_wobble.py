@@ -113,3 +113,23 @@ def test_subtraction_equals_wobbles_bit_for_bit(recording_and_templates, amplitu
     finally:
         fast.clean()
     assert checked > 20
+
+
+def test_objective_over_each_units_channel_span_equals_the_dense_product(recording_and_templates, monkeypatch):
+    from inference import fast_wobble
+    from inference.fast_wobble import FftWobbleMatch
+
+    rec, templates = recording_and_templates
+    monkeypatch.setattr(fast_wobble, "SPARSE_FRACTION", 1.0)  # the span path whatever the spans
+    fast = FftWobbleMatch(rec, templates, parameters={"threshold": 25.0})
+    try:
+        spans = fast._channel_spans()
+        assert spans is not None and any(stop - first < rec.get_num_channels() for first, stop in spans)
+        traces = rec.get_traces(start_frame=0, end_frame=20_000).astype(np.float32)
+        sparse = fast.objective(traces)
+        fast._spans = False  # the dense product
+        dense = fast.objective(traces)
+    finally:
+        fast.clean()
+    assert sparse.dtype == dense.dtype == np.float32
+    assert np.max(np.abs(sparse - dense)) < 1e-4 * np.max(np.abs(dense))
