@@ -713,9 +713,8 @@ def _cache(rec, mode: str, job_kwargs: dict):
     if mode == "none":
         return rec
     from spikeinterface.core import get_noise_levels
-    from spikeinterface.preprocessing import clip
 
-    from spikevault.filters import OnePassScaleRecording
+    from spikevault.filters import OnePassScaleRecording, QuantiseRecording
 
     noise = get_noise_levels(rec, return_in_uV=False, method="mad", random_slices_kwargs=dict(
         num_chunks_per_segment=4, chunk_size=min(10_000, rec.get_num_samples(0)), seed=0), n_jobs=1, progress_bar=False)
@@ -730,7 +729,9 @@ def _cache(rec, mode: str, job_kwargs: dict):
             return rec
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
     limit = _INT16_LIMIT * step
-    quantised = OnePassScaleRecording(clip(rec, a_min=-limit, a_max=limit), gain=1.0 / step, dtype="int16")
+    # OnePassScaleRecording(clip(rec, -limit, limit), gain=1 / step, dtype="int16"), bit for bit, with
+    # the median reference's subtraction, the clip and the scaling in one pass
+    quantised = QuantiseRecording(rec, step=step, limit=limit)
     cached = _save_to_shared_memory(quantised, jk)
     cached.set_probe(rec.get_probe(), in_place=True) if not cached.has_probe() and rec.has_probe() else None
     return OnePassScaleRecording(cached, gain=step, dtype="float32")

@@ -48,6 +48,7 @@ import functools
 
 import numpy as np
 from spikeinterface.core.recording_tools import get_chunk_with_margin
+from spikeinterface.preprocessing.basepreprocessor import BasePreprocessor, BasePreprocessorSegment
 from spikeinterface.preprocessing.common_reference import CommonReferenceRecording
 from spikeinterface.preprocessing.filter import BandpassFilterRecording, FilterRecordingSegment
 from spikeinterface.preprocessing.normalize_scale import ScaleRecording, ScaleRecordingSegment
@@ -320,3 +321,62 @@ class BlockWhitenRecording(WhitenRecording):
                                            segment.int_scale, blocks)
                 fast.set_parent_extractor(self)
                 self.segments[i] = fast
+
+
+def _quantise_py(x, shift, lo, hi, gain, out):
+    """``out = int16(round(float32(clip(x - shift, lo, hi) * gain)))`` element by element (numba):
+    the median reference's subtraction, SpikeInterface's ``clip`` and the int16 scaling, in one
+    pass over the chunk instead of four."""
+    n, c = x.shape
+    for i in range(n):
+        m = shift[i]
+        for j in range(c):
+            v = x[i, j] - m
+            if v <= lo:
+                v = lo
+            if v >= hi:
+                v = hi
+            out[i, j] = np.int16(np.rint(np.float32(v * gain[j])))
+
+
+class _QuantiseSegment(BasePreprocessorSegment):
+    def __init__(self, parent_recording_segment, median_of, step, limit):
+        super().__init__(parent_recording_segment)
+        self.median_of = median_of  # the median reference's input segment, or None
+        self.gain = np.full(1, 1.0 / step)
+        self.limit = np.float32(limit)
+
+    def get_traces(self, start_frame, end_frame, channel_indices):
+        if self.median_of is not None:
+            traces = self.median_of.get_traces(start_frame, end_frame, slice(None))
+            shift = fast_median(traces, axis=1)
+        else:
+            traces = self.parent_recording_segment.get_traces(start_frame, end_frame, slice(None))
+            shift = np.zeros(len(traces), dtype=np.float32)
+        if traces.dtype != np.float32:
+            raise TypeError(f"the int16 quantisation reads float32 traces, got {traces.dtype}")
+        out = np.empty(traces.shape, dtype=np.int16)
+        _compiled(_quantise_py)(traces, shift.astype(np.float32, copy=False), -self.limit, self.limit,
+                                np.broadcast_to(self.gain, traces.shape[1:]).copy(), out)
+        return out[:, channel_indices]
+
+
+class QuantiseRecording(BasePreprocessor):
+    """Float32 traces as int16 in steps of ``step``, clipped at ``+-limit``: the same values, bit for
+    bit, as ``OnePassScaleRecording(clip(recording, -limit, limit), gain=1 / step, dtype="int16")``.
+
+    When ``recording`` is a global :class:`FastMedianReferenceRecording`, the reference's
+    subtraction happens in the same pass (its median is computed as before). The sort's cache of
+    the preprocessed traces goes through it: one pass over each chunk instead of four (subtract,
+    clip, scale, convert), 5 ms per 1 s chunk of 64 channels and 50-70 ms of 384 before.
+    """
+
+    def __init__(self, recording, step: float, limit: float):
+        super().__init__(recording, dtype="int16")
+        fused = (isinstance(recording, FastMedianReferenceRecording)
+                 and all(s.reference == "global" and s.operator == "median" and s.ref_channel_indices is None
+                         and s.group_indices is None for s in recording.segments))
+        for segment in recording.segments:
+            median_of = segment.parent_recording_segment if fused else None
+            self.add_recording_segment(_QuantiseSegment(segment, median_of, float(step), float(limit)))
+        self._kwargs = dict(recording=recording, step=float(step), limit=float(limit))

@@ -406,3 +406,33 @@ def test_block_whitening_is_spikeinterfaces_on_a_long_probe_and_dense_on_a_short
         assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
         sub = fast.get_traces(start_frame=0, end_frame=500, channel_ids=rec.channel_ids[3:6])
         assert np.array_equal(sub, fast.get_traces(start_frame=0, end_frame=500)[:, 3:6])
+
+
+@pytest.mark.parametrize("channels", [33, 32, 3])  # odd, even (median of two middle values), no reference
+def test_quantise_recording_is_clip_then_int16_scaling_bit_for_bit(channels):
+    from spikeinterface.core import NumpyRecording
+    from spikeinterface.preprocessing import clip
+
+    from spikevault.extract import MIN_CHANNELS_FOR_CMR
+    from spikevault.filters import (OnePassScaleRecording, QuantiseRecording, bandpass_float32,
+                                    common_median_reference)
+
+    rng = np.random.default_rng(channels)
+    raw = (rng.standard_normal((60_000, channels)) * 10).astype(np.float32)
+    raw[30_000, 1] = 1e5  # beyond the limit: clipped, not wrapped around
+    raw[40_000, 2] = -1e5
+    rec = bandpass_float32(NumpyRecording(raw, 30_000.0), 300.0, 6000.0)
+    if channels >= MIN_CHANNELS_FOR_CMR:
+        rec = common_median_reference(rec)
+    step = 10.0 / 64
+    limit = 32_000 * step
+    want = OnePassScaleRecording(clip(rec, a_min=-limit, a_max=limit), gain=1.0 / step, dtype="int16")
+    got = QuantiseRecording(rec, step=step, limit=limit)
+    assert (got.segments[0].median_of is not None) == (channels >= MIN_CHANNELS_FOR_CMR)
+    for start, end in ((0, 30_000), (29_990, 45_000), (59_000, 60_000)):
+        a, b = want.get_traces(start_frame=start, end_frame=end), got.get_traces(start_frame=start, end_frame=end)
+        assert b.dtype == np.int16 and np.array_equal(a, b)
+    full = got.get_traces()
+    assert full.max() == 32_000 and full.min() == -32_000
+    assert np.array_equal(got.get_traces(start_frame=0, end_frame=100, channel_ids=[1, 2]),
+                          want.get_traces(start_frame=0, end_frame=100, channel_ids=[1, 2]))
