@@ -64,6 +64,8 @@ class FftWobbleMatch(WobbleMatch):
         self._spectra: tuple[int, np.ndarray] | None = None
         self._overlap_units: tuple[np.ndarray, np.ndarray] | None = None
         self._spans: list | bool | None = None
+        self._padded: np.ndarray | None = None
+        self._padded_length = 0
 
     def objective(self, traces: np.ndarray) -> np.ndarray:
         """Wobble's objective [templates, len(traces) + samples - 1] for a chunk of traces."""
@@ -75,16 +77,22 @@ class FftWobbleMatch(WobbleMatch):
             # the temporal components' spectra for this transform length (one length for every
             # full chunk; [rank, units, n/2 + 1] complex64, 18 MB for 30 units at 1 s chunks)
             self._spectra = (n, sfft.rfft((temporal * singular).astype(np.float32), n, axis=2))
+        # the spatially filtered rows, zero-padded to the transform length in a buffer kept from
+        # chunk to chunk (rfft's own padding copied all of them again)
+        t = traces.shape[0]
+        dtype = np.result_type(spatial, traces)
+        if self._padded is None or self._padded.shape != (rank, units, n) or self._padded_length != t:
+            self._padded, self._padded_length = np.zeros((rank, units, n), dtype=dtype), t
+        filtered = self._padded
         spans = self._channel_spans()
         if spans is None:
-            filtered = (spatial.reshape(rank * units, -1) @ traces.T).reshape(rank, units, -1)
+            filtered.reshape(rank * units, n)[:, :t] = spatial.reshape(rank * units, -1) @ traces.T
         else:  # each unit over the span of its visible channels (off them its components are ~0)
-            filtered = np.empty((rank, units, traces.shape[0]), dtype=np.result_type(spatial, traces))
             for unit, (first, stop) in enumerate(spans):
-                filtered[:, unit] = spatial[:, unit, first:stop] @ traces[:, first:stop].T
-        spectrum = sfft.rfft(filtered, n, axis=2)
+                filtered[:, unit, :t] = spatial[:, unit, first:stop] @ traces[:, first:stop].T
+        spectrum = sfft.rfft(filtered, axis=2)
         spectrum *= self._spectra[1]
-        return sfft.irfft(spectrum.sum(axis=0), n, axis=1)[:, :length].astype(np.float32, copy=False)
+        return sfft.irfft(spectrum.sum(axis=0), n, axis=1, overwrite_x=True)[:, :length].astype(np.float32, copy=False)
 
     def _channel_spans(self) -> list[tuple[int, int]] | None:
         """Each unit's first and last visible channel (+1), or None when the spans together cover
@@ -103,8 +111,9 @@ class FftWobbleMatch(WobbleMatch):
         return self._spans or None
 
     def release(self):
-        """Drop the cached temporal spectra (they are recomputed on the next chunk)."""
+        """Drop the cached temporal spectra and padding buffer (remade on the next chunk)."""
         self._spectra = None
+        self._padded = None
 
     def subtract_spike_train(self, spike_train, scalings, template_data, objective, objective_normalized, params,
                              template_meta, sparsity):
