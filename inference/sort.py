@@ -1038,9 +1038,9 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     its objective computed by one FFT per chunk (the objective was most of wobble's time).
 
     Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
-    whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once; its product skips the
-    matrix's zeros, :class:`spikevault.filters.BlockWhitenRecording`) and the templates go
-    through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
+    whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once; the same matrix with fewer
+    copies and its product skipping the matrix's zeros, :func:`spikevault.filters.local_whitening`)
+    and the templates go through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
     squared norm in noise units (25: a spike 5 noise SDs tall along its template); its refractory
     period is the sort's (at most a template's length). Wobble reports each spike's peak voltage,
     not its fitted amplitude: the amplitudes (scaling of the template, 1 = the template) are then
@@ -1056,7 +1056,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
 
-    from spikevault.filters import BlockWhitenRecording
+    from spikevault.filters import local_whitening
 
     from .fast_wobble import FftWobbleMatch
 
@@ -1067,7 +1067,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     if drift is not None:
         return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels)
-    white = BlockWhitenRecording(rec, dtype="float32", mode="local", radius_um=WHITEN_RADIUS_UM, seed=0)
+    white = local_whitening(rec, WHITEN_RADIUS_UM, seed=0)
     matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
     mask = (templates.sparsity.mask if templates.sparsity is not None
             else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
@@ -1104,11 +1104,11 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
     """Wobble with the templates following the motion over the recorded traces (whitened)."""
     from spikeinterface.core.node_pipeline import run_node_pipeline
 
-    from spikevault.filters import BlockWhitenRecording
+    from spikevault.filters import local_whitening
 
     from .drift_matching import DriftingWobble
 
-    white = BlockWhitenRecording(drift.recording, dtype="float32", mode="local", radius_um=WHITEN_RADIUS_UM, seed=0)
+    white = local_whitening(drift.recording, WHITEN_RADIUS_UM, seed=0)
     matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
     locations = drift.recording.get_channel_locations()[:, :2]
     noise = (_noise_levels(drift.recording, job_kwargs) if noise_levels is None else np.asarray(noise_levels))

@@ -299,6 +299,39 @@ def whitening_blocks(W: np.ndarray, size: int = 32) -> list | None:
 SPARSE_FRACTION = 0.5
 
 
+def local_whitening_matrix(recording, radius_um: float, seed: int = 0) -> np.ndarray:
+    """SpikeInterface's local whitening matrix (``whiten(recording, mode="local",
+    radius_um=radius_um, seed=seed)``'s ``W``, the same values), with fewer copies of its data.
+
+    SpikeInterface copies its 20 random chunks to float32 again, then squares and flattens them
+    for the median that sets its regularisation ``eps``: on a 384-channel probe 77 M values, 6 s
+    in the main process. That median matters only when it is below 1 (traces in volts, say);
+    here the squares are counted block by block and the median computed only then. The
+    covariance and each channel's neighbourhood whitening are SpikeInterface's own operations.
+    """
+    from spikeinterface.core import get_random_data_chunks
+    from spikeinterface.core.recording_tools import get_channel_distances
+    from spikeinterface.preprocessing.whiten import compute_whitening_from_covariance
+
+    data = get_random_data_chunks(recording, concatenated=True, return_in_uV=False, seed=seed)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    cov = data.T @ data
+    cov = cov / data.shape[0]
+    below_one = sum(int(np.count_nonzero(np.abs(data[s: s + 10_000]) < 1)) for s in range(0, len(data), 10_000))
+    eps = 1e-16
+    if 2 * below_one >= data.size - 1:  # the median of the squares may be below 1: SpikeInterface's rule
+        median_sq = np.median(data ** 2)
+        if 0 < median_sq < 1:
+            eps = max(1e-16, median_sq * 1e-3)
+    n = cov.shape[0]
+    distances = get_channel_distances(recording)
+    W = np.zeros((n, n), dtype="float32")
+    for c in range(n):
+        (inds,) = np.nonzero(distances[c, :] <= radius_um)
+        W[inds, c] = compute_whitening_from_covariance(cov[inds, :][:, inds], eps)[c == inds]
+    return W
+
+
 class BlockWhitenRecording(WhitenRecording):
     """SpikeInterface's ``WhitenRecording`` (same matrix, same arguments) whose product skips the
     matrix's zeros.
@@ -380,3 +413,10 @@ class QuantiseRecording(BasePreprocessor):
             median_of = segment.parent_recording_segment if fused else None
             self.add_recording_segment(_QuantiseSegment(segment, median_of, float(step), float(limit)))
         self._kwargs = dict(recording=recording, step=float(step), limit=float(limit))
+
+
+def local_whitening(recording, radius_um: float, seed: int = 0) -> BlockWhitenRecording:
+    """``whiten(recording, dtype="float32", mode="local", radius_um=radius_um, seed=seed)``: the same
+    matrix (:func:`local_whitening_matrix`) and values, computed and applied faster."""
+    W = local_whitening_matrix(recording, radius_um, seed=seed)
+    return BlockWhitenRecording(recording, dtype="float32", mode="local", radius_um=radius_um, W=W)

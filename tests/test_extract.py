@@ -388,17 +388,24 @@ def test_keep_freed_memory_is_in_effect_on_linux_and_idempotent():
     assert all(float(b.sum()) == 2_000_000 for b in buffers)
 
 
-def test_block_whitening_is_spikeinterfaces_on_a_long_probe_and_dense_on_a_short_one():
+def test_local_whitening_is_spikeinterfaces_by_blocks_on_a_long_probe_dense_on_a_short_one():
     from spikeinterface.core import generate_ground_truth_recording
     from spikeinterface.preprocessing import whiten
 
-    from spikevault.filters import BlockWhitenRecording, _BlockWhitenSegment
+    from spikeinterface.preprocessing import scale
+
+    from spikevault.filters import BlockWhitenRecording, _BlockWhitenSegment, local_whitening, local_whitening_matrix
 
     for channels, blocked in ((96, True), (8, False)):  # 20 um pitch: 100 um reaches 10 of 96
         rec, _ = generate_ground_truth_recording(durations=[2.0], num_channels=channels, num_units=4, seed=0)
         rec.set_channel_locations(np.c_[np.zeros(channels), 20.0 * np.arange(channels)])
         want = whiten(rec, dtype="float32", mode="local", radius_um=100.0, seed=0)
-        fast = BlockWhitenRecording(rec, dtype="float32", mode="local", radius_um=100.0, seed=0)
+        fast = local_whitening(rec, 100.0, seed=0)
+        assert isinstance(fast, BlockWhitenRecording)
+        for gain in (1.0, 1e-6):  # microvolts; volts (SpikeInterface regularises by the median square)
+            scaled = scale(rec, gain=gain, dtype="float32")
+            assert np.array_equal(local_whitening_matrix(scaled, 100.0, seed=0),
+                                  np.asarray(whiten(scaled, mode="local", radius_um=100.0, seed=0)._kwargs["W"]))
         assert isinstance(fast.segments[0], _BlockWhitenSegment) == blocked
         assert np.array_equal(np.asarray(fast._kwargs["W"]), np.asarray(want._kwargs["W"]))
         got, ref = fast.get_traces(start_frame=1000, end_frame=31_000), want.get_traces(start_frame=1000, end_frame=31_000)
