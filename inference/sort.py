@@ -712,12 +712,10 @@ def _cache(rec, mode: str, job_kwargs: dict):
     """
     if mode == "none":
         return rec
-    from spikeinterface.core import get_noise_levels
+    from spikevault.filters import OnePassScaleRecording, QuantiseRecording, mad_noise_levels
 
-    from spikevault.filters import OnePassScaleRecording, QuantiseRecording
-
-    noise = get_noise_levels(rec, return_in_uV=False, method="mad", random_slices_kwargs=dict(
-        num_chunks_per_segment=4, chunk_size=min(10_000, rec.get_num_samples(0)), seed=0), n_jobs=1, progress_bar=False)
+    noise = mad_noise_levels(rec, num_chunks_per_segment=4, chunk_size=min(10_000, rec.get_num_samples(0)), seed=0,
+                             n_threads=job_kwargs.get("n_jobs", 1))
     live = noise[noise > 0]
     step = float(np.median(live)) / _CACHE_STEPS_PER_NOISE if len(live) else 1.0
     if mode == "auto":
@@ -792,13 +790,13 @@ _INT16_LIMIT = 32_000
 
 # ------------------------------------------------------------------------------------ templates
 def _noise_levels(rec, job_kwargs) -> np.ndarray:
-    from spikeinterface.core import get_noise_levels
+    from spikevault.filters import mad_noise_levels
 
     fs = rec.get_sampling_frequency()
     n = int(min(fs * 0.5, min(rec.get_num_samples(s) for s in range(rec.get_num_segments())) - 1))
-    noise = get_noise_levels(rec, return_in_uV=False, method="mad", force_recompute=True,
-                             random_slices_kwargs=dict(num_chunks_per_segment=20, chunk_size=max(n, 1), seed=0),
-                             n_jobs=1, progress_bar=False)
+    # SpikeInterface's get_noise_levels (MAD, 20 seeded chunks of 0.5 s), the same values
+    noise = mad_noise_levels(rec, num_chunks_per_segment=20, chunk_size=max(n, 1), seed=0,
+                             n_threads=job_kwargs.get("n_jobs", 1))
     return np.where(noise > 0, noise, 1.0).astype(np.float64)
 
 

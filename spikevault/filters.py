@@ -420,3 +420,41 @@ def local_whitening(recording, radius_um: float, seed: int = 0) -> BlockWhitenRe
     matrix (:func:`local_whitening_matrix`) and values, computed and applied faster."""
     W = local_whitening_matrix(recording, radius_um, seed=seed)
     return BlockWhitenRecording(recording, dtype="float32", mode="local", radius_um=radius_um, W=W)
+
+
+def mad_noise_levels(recording, num_chunks_per_segment: int = 20, chunk_size: int = 10_000, seed: int = 0,
+                     return_in_uV: bool = False, n_threads: int = 1) -> np.ndarray:
+    """``get_noise_levels(recording, method="mad", force_recompute=True, random_slices_kwargs=...)``
+    in one process: the same random chunks, the same values bit for bit, faster.
+
+    SpikeInterface takes each chunk's per-channel medians along the time axis of a ``[time,
+    channels]`` array, where numpy's partition goes element by element across strided memory:
+    on 384 channels 20 chunks of 0.5 s took 3.2-3.4 s. Here each chunk is transposed once and both
+    medians are :func:`fast_median` partitions along contiguous rows (the same selections, so the
+    same values), the chunks in ``n_threads`` threads (numpy's partition releases the GIL), averaged
+    in SpikeInterface's order. Like SpikeInterface, the result is also stored as the recording's
+    property.
+    """
+    from spikeinterface.core.recording_tools import get_random_sample_slices
+
+    slices = get_random_sample_slices(recording, num_chunks_per_segment=num_chunks_per_segment,
+                                      chunk_size=chunk_size, seed=seed)
+
+    def one(piece):
+        segment_index, start, end = piece
+        chunk = recording.get_traces(start_frame=start, end_frame=end, segment_index=segment_index,
+                                     return_in_uV=return_in_uV)
+        rows = np.ascontiguousarray(chunk.T)
+        med = fast_median(rows, axis=1, keepdims=True)
+        return fast_median(np.abs(rows - med), axis=1) / 0.6744897501960817
+
+    if n_threads > 1 and len(slices) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            per_chunk = list(pool.map(one, slices))
+    else:
+        per_chunk = [one(piece) for piece in slices]
+    noise = np.mean(np.stack(per_chunk), axis=0)
+    recording.set_property(f"noise_level_mad_{'scaled' if return_in_uV else 'raw'}", noise)
+    return noise

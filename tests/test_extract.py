@@ -443,3 +443,21 @@ def test_quantise_recording_is_clip_then_int16_scaling_bit_for_bit(channels):
     assert full.max() == 32_000 and full.min() == -32_000
     assert np.array_equal(got.get_traces(start_frame=0, end_frame=100, channel_ids=[1, 2]),
                           want.get_traces(start_frame=0, end_frame=100, channel_ids=[1, 2]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_mad_noise_levels_are_spikeinterfaces_bit_for_bit(dtype):
+    from spikeinterface.core import NumpyRecording, get_noise_levels
+
+    from spikevault.filters import mad_noise_levels
+
+    rng = np.random.default_rng(1)
+    for channels in (1, 4, 33):
+        rec = NumpyRecording((rng.standard_normal((40_000, channels)) * 7).astype(dtype), 30_000.0)
+        for chunks, size in ((20, 1001), (4, 10_000)):  # odd and even chunk lengths
+            want = get_noise_levels(rec, return_in_uV=False, method="mad", force_recompute=True, n_jobs=1,
+                                    random_slices_kwargs=dict(num_chunks_per_segment=chunks, chunk_size=size, seed=0))
+            for threads in (1, 2):
+                got = mad_noise_levels(rec, chunks, size, seed=0, n_threads=threads)
+                assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert np.array_equal(rec.get_property("noise_level_mad_raw"), got)
