@@ -4,7 +4,9 @@
 
     load + check        spikevault.extract.load_recording / check_recording (clear errors)
     preprocess          bandpass + common median reference, the model's own parameters (the
-                        filter a numba kernel, spikevault.filters), cached in RAM as int16
+                        filter a numba kernel, spikevault.filters), cached in RAM as int16 (the
+                        reference's subtraction and the quantisation one numba pass, written to
+                        shared memory by the workers)
     detect + extract    spikevault.extract.extract_events: the corpus builder's code path
     localise            centre of mass of each event's K channels (SpikeInterface's method)
     motion              dense probes: dredge_ap (rigid on short probes) on the events' centre-of-mass
@@ -15,11 +17,13 @@
     cluster             embedding + position, per probe region, in forked worker processes
     curate              split / merge until unimodal and distinct (tests in n_jobs threads),
                         reject noise clusters
-    match               SpikeInterface template matching (wobble, whitened; its objective by FFT,
-                        inference.fast_wobble) recovers missed spikes; a template carrying the median
-                        reference's copy of its spike keeps every channel (_template_mask); with rigid
-                        drift the templates follow the motion over the recorded traces
-                        (inference.drift_matching), estimated in the rest frame beyond the probe's ends
+    match               SpikeInterface template matching (wobble, whitened: the local whitening by
+                        blocks, spikevault.filters.local_whitening; its objective by FFT and its
+                        subtraction by numba, inference.fast_wobble) recovers missed spikes; a
+                        template carrying the median reference's copy of its spike keeps every
+                        channel (_template_mask); with rigid drift the templates follow the motion
+                        over the recorded traces (inference.drift_matching), estimated in the rest
+                        frame beyond the probe's ends
     final merge         SpikeInterface auto_merge_units joins units split in two (similar templates,
                         close, no refractory violations across the parts)
     save                sorting, rejected events, params + versions, sort.log, report
