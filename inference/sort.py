@@ -770,6 +770,9 @@ def _save_to_shared_memory(rec, job_kwargs: dict):
     for block in blocks:  # the recording holds its own handles
         block.close()
     rec.copy_metadata(cached)
+    for segment_index in range(rec.get_num_segments()):  # as SpikeInterface's save keeps them
+        if rec.has_time_vector(segment_index):
+            cached.set_times(rec.get_times(segment_index=segment_index), segment_index=segment_index)
     return cached
 
 

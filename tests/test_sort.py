@@ -615,6 +615,11 @@ def test_preprocessing_cache_is_int16_in_noise_steps_for_microvolts_and_volts(ea
     assert np.allclose(got / step, np.round(got / step), atol=1e-3)  # every sample is a whole step
     assert got[100, 0] == got.max()
     assert _cache(prep, "none", JOB) is prep
+    timed = NumpyRecording(exact, prep.get_sampling_frequency())
+    timed.set_times(100.0 + np.arange(len(exact)) / prep.get_sampling_frequency())  # a recording's own clock
+    cached = _cache(timed, "memory", {"n_jobs": 2, "chunk_duration": "250ms", "progress_bar": False})
+    assert cached.has_time_vector() and np.array_equal(cached.get_times(), timed.get_times())
+    assert np.abs(cached.get_traces() - exact).max() <= 0.6 * noise / 64
 
 
 def test_templates_keep_the_copy_the_median_reference_spreads_over_a_short_probe():
