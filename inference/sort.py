@@ -1045,12 +1045,12 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
     whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once; the same matrix with fewer
     copies and its product skipping the matrix's zeros, :func:`spikevault.filters.local_whitening`)
-    and the templates go through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on the fitted spike's
-    squared norm in noise units (25: a spike 5 noise SDs tall along its template); its refractory
-    period is the sort's (at most a template's length). Wobble reports each spike's peak voltage,
-    not its fitted amplitude: the amplitudes (scaling of the template, 1 = the template) are then
-    fitted by SpikeInterface's ``amplitude_scalings`` on the unwhitened traces, collisions
-    included, as the steps after matching expect.
+    and the templates go through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on
+    the fitted spike's squared norm in noise units (25: a spike 5 noise SDs tall along its
+    template); its refractory period is the sort's (at most a template's length). Wobble reports
+    each spike's peak voltage, not its fitted amplitude: the amplitudes (scaling of the template,
+    1 = the template) are then fitted by SpikeInterface's ``amplitude_scalings`` on the unwhitened
+    traces, collisions included, as the steps after matching expect.
 
     With ``drift``, wobble runs on the recorded traces, whitened, and each 1 s chunk with the
     templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`,
@@ -1715,7 +1715,7 @@ class _Ticker:
 def _cpu_seconds() -> float:
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:  # Windows has no resource module
         return time.process_time()
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

@@ -408,7 +408,8 @@ def test_local_whitening_is_spikeinterfaces_by_blocks_on_a_long_probe_dense_on_a
                                   np.asarray(whiten(scaled, mode="local", radius_um=100.0, seed=0)._kwargs["W"]))
         assert isinstance(fast.segments[0], _BlockWhitenSegment) == blocked
         assert np.array_equal(np.asarray(fast._kwargs["W"]), np.asarray(want._kwargs["W"]))
-        got, ref = fast.get_traces(start_frame=1000, end_frame=31_000), want.get_traces(start_frame=1000, end_frame=31_000)
+        got = fast.get_traces(start_frame=1000, end_frame=31_000)
+        ref = want.get_traces(start_frame=1000, end_frame=31_000)
         assert got.dtype == np.float32 and got.shape == ref.shape
         assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
         sub = fast.get_traces(start_frame=0, end_frame=500, channel_ids=rec.channel_ids[3:6])
