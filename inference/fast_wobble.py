@@ -37,10 +37,7 @@ from scipy import fft as sfft
 from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
 from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
-
-#: Products restricted to the nonzero span go unit by unit (or block by block) when the spans cover
-#: at most this fraction of the dense product's operations.
-SPARSE_FRACTION = 0.5
+from spikevault.filters import SPARSE_FRACTION
 
 
 class FftWobbleMatch(WobbleMatch):

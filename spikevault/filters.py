@@ -295,7 +295,8 @@ def whitening_blocks(W: np.ndarray, size: int = 32) -> list | None:
     return blocks if cost <= SPARSE_FRACTION * W.size else None
 
 
-#: A product by blocks replaces the dense one when it costs at most this fraction of its operations.
+#: A product restricted to where the operand is nonzero (the whitening by blocks, wobble's spatial
+#: filtering by unit) replaces the dense one when it costs at most this fraction of its operations.
 SPARSE_FRACTION = 0.5
 
 
