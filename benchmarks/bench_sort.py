@@ -7,6 +7,9 @@ Cases (generated ground truth, seeds the embedded model never saw):
   (spikeinterface.generation.generate_drifting_recording);
 * ``np384`` (only with ``--cases``): a 384-channel Neuropixels-like probe, 60 s, 40 units, static
   (spikevault.synth), a probe geometry absent from the model's corpora;
+* ``np384drift`` (only with ``--cases``): the same probe, 60 s, 40 units, with drift64's +-20 um
+  zigzag (spikeinterface.generation.generate_drifting_recording): a long probe's motion is
+  estimated non-rigid, and its correction interpolates the traces (inference.interpolation);
 * ``si32`` (only with ``--cases``): SpikeInterface's own static generator
   (``generate_ground_truth_recording``, its defaults: 2-column probe, templates, amplitudes down to
   below the noise), 32 channels, 120 s, 20 units: ground truth made by code that is not ours.
@@ -48,6 +51,7 @@ CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=120.0, num_units=15, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=300.0, num_units=30, seed=1002),
     "np384": dict(kind="static", probe="neuropixels", duration_s=60.0, num_units=40, seed=9001),
+    "np384drift": dict(kind="drift", probe="neuropixels", duration_s=60.0, num_units=40, seed=9002),
     "si32": dict(kind="si-static", num_channels=32, duration_s=120.0, num_units=20, seed=12),
 }
 #: Cases run without ``--cases``.
@@ -56,6 +60,7 @@ QUICK_CASES = {
     "static32": dict(kind="static", probe="linear32", duration_s=20.0, num_units=8, seed=1001),
     "drift64": dict(kind="drift", probe="dense64", duration_s=60.0, num_units=10, seed=1002),
     "np384": dict(kind="static", probe="neuropixels", duration_s=10.0, num_units=20, seed=9001),
+    "np384drift": dict(kind="drift", probe="neuropixels", duration_s=30.0, num_units=20, seed=9002),
     "si32": dict(kind="si-static", num_channels=32, duration_s=20.0, num_units=10, seed=12),
 }
 

@@ -11,7 +11,8 @@
     localise            centre of mass of each event's K channels (SpikeInterface's method)
     motion              dense probes: dredge_ap (rigid on short probes) on the events' centre-of-mass
                         positions screens for drift, then on grid_convolution positions
-                        (inference.grid_localization) estimates it; interpolate_motion (kriging)
+                        (inference.grid_localization) estimates it; SpikeInterface's kriging
+                        interpolation, its kernels computed once (inference.interpolation),
                         + re-extraction when drift is found
     embed               the encoder in batches (or PCA, the ablation)
     cluster             embedding + position, per probe region, in forked worker processes
@@ -381,13 +382,13 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         motion_info["max_displacement_um"] = None if max_disp is None else round(float(max_disp), 2)
         motion_info["screened_out"] = motion is None and max_disp is not None
         if motion is not None and (p.motion_correction is True or max_disp > p.drift_threshold_um):
-            from spikeinterface.sortingcomponents.motion import interpolate_motion
+            from .interpolation import KrigingMotionRecording
 
             logger.info("correcting motion (max displacement %.1f um)", max_disp)
             # lazy: each later pass interpolates its chunks from the cached traces (cheaper in
-            # memory than a second, corrected copy; the kriging is a small matrix per time bin)
-            rec = interpolate_motion(rec, motion, border_mode="force_extrapolate",
-                                     spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+            # memory than a second, corrected copy), with kernels computed once per time bin
+            rec = KrigingMotionRecording(rec, motion, border_mode="force_extrapolate",
+                                         spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
             events = extract_events(rec, **extract_kw)
             _check_enough_events(events, name, eparams)
             channel_index = _channel_index(events, rec)

@@ -1,0 +1,99 @@
+"""Motion correction with precomputed kriging kernels (inference.interpolation) against
+SpikeInterface's own interpolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+FS = 30_000.0
+
+
+def _recording(probe_name: str, duration_s: float, seed: int = 0):
+    from spikeinterface.core import NumpyRecording
+
+    from spikevault.synth import make_probe
+
+    probe = make_probe(probe_name)
+    rng = np.random.default_rng(seed)
+    traces = rng.normal(0.0, 10.0, size=(int(duration_s * FS), probe.get_contact_count())).astype(np.float32)
+    rec = NumpyRecording([traces], sampling_frequency=FS)
+    rec.set_probe(probe)
+    return rec
+
+
+def _motion(rec, rigid: bool, bin_s: float = 0.1):
+    """A zigzag displacement, one value per time bin (rigid) or varying along the probe; the
+    zigzag repeats its displacements (the shared kernels)."""
+    from spikeinterface.core.motion import Motion
+
+    depth = rec.get_channel_locations()[:, 1]
+    bins = np.arange(bin_s / 2, rec.get_total_duration(), bin_s)
+    zigzag = np.tile([0.0, 4.5, 9.0, 13.5, 18.0, 13.5, 9.0, 4.5, 0.0, -4.5, -9.0, -4.5], len(bins))[:len(bins)]
+    if rigid:
+        return Motion([zigzag[:, None]], [bins], np.array([float(np.median(depth))]))
+    spatial = np.linspace(depth.min(), depth.max(), 4)
+    return Motion([zigzag[:, None] * (1.0 + spatial[None, :] / np.ptp(depth))], [bins], spatial)
+
+
+@pytest.mark.parametrize("probe_name,rigid,border_mode", [
+    ("neuropixels", False, "force_extrapolate"),
+    ("dense64", True, "force_extrapolate"),
+    ("dense64", True, "remove_channels"),
+])
+def test_kernels_and_traces_are_spikeinterfaces(probe_name, rigid, border_mode):
+    from spikeinterface.preprocessing import get_spatial_interpolation_kernel
+    from spikeinterface.sortingcomponents.motion import interpolate_motion
+
+    from inference.interpolation import KRIGING_ZERO, KrigingMotionRecording, kriging_kernels
+
+    rec = _recording(probe_name, duration_s=2.0)
+    motion = _motion(rec, rigid)
+    kw = dict(border_mode=border_mode, spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+    theirs = interpolate_motion(rec, motion, **kw)
+    ours = KrigingMotionRecording(rec, motion, **kw)
+    assert ours.get_num_channels() == theirs.get_num_channels()
+    assert list(ours.channel_ids) == list(theirs.channel_ids)
+
+    # every bin's kernel, SpikeInterface's bit for bit with its weights below KRIGING_ZERO zeroed
+    segment = theirs.segments[0]
+    locations = rec.get_channel_locations()
+    # SpikeInterface's segment evaluates the motion at the midpoints of its bins' edges
+    centers = 0.5 * (segment.interpolation_time_bin_edges_s[1:] + segment.interpolation_time_bin_edges_s[:-1])
+    kernels, index = kriging_kernels(locations, motion, 0, centers,
+                                     channel_inds=segment.channel_inds, dtype="float32",
+                                     **segment.spatial_interpolation_kwargs)
+    assert len(kernels) < len(index)  # repeated displacements share a kernel
+    for b, t in enumerate(centers):
+        moved = locations.copy()
+        moved[:, 1] += motion.get_displacement_at_time_and_depth(np.full(len(locations), t), locations[:, 1])
+        if segment.channel_inds is not None:
+            moved = moved[segment.channel_inds]
+        expected = get_spatial_interpolation_kernel(locations, moved, method="kriging", dtype="float32",
+                                                    **segment.spatial_interpolation_kwargs)
+        expected[np.abs(expected) < KRIGING_ZERO] = 0
+        np.testing.assert_array_equal(kernels[index[b]], expected)
+
+    # traces: whole, and chunks that start and end inside time bins
+    for start, end in [(None, None), (1234, 20_000), (7_500, 7_501), (59_000, 60_000)]:
+        a = ours.get_traces(start_frame=start, end_frame=end)
+        b = theirs.get_traces(start_frame=start, end_frame=end)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        # float32 rounding: the largest difference is a few 1e-7 of the traces' largest value
+        assert float(np.abs(a - b).max()) < 2e-6 * float(np.abs(b).max())
+    sub = ours.get_traces(start_frame=100, end_frame=900, channel_ids=ours.channel_ids[3:9])
+    np.testing.assert_array_equal(sub, ours.get_traces(start_frame=100, end_frame=900)[:, 3:9])
+
+
+def test_neuropixels_kernels_are_stored_by_blocks():
+    """On a 384-channel probe the kernels' zeros are skipped: the blocks cover well under half of
+    each kernel."""
+    from inference.interpolation import KrigingMotionRecording
+
+    rec = _recording("neuropixels", duration_s=1.0)
+    ours = KrigingMotionRecording(rec, _motion(rec, rigid=False), border_mode="force_extrapolate",
+                                  spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+    for dense, blocks in ours.segments[0].kernels:
+        assert dense is None and blocks is not None
+        covered = sum(block.size for _, _, block in blocks)
+        assert covered < 0.5 * 384 * 384
