@@ -265,7 +265,12 @@ class AttentionPool(nn.Module):
     def forward(self, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         kv = self.norm(h)
         q = self.query.expand(h.shape[0], -1, -1).to(kv.dtype)
-        return self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)[0][:, 0]
+        # The padding as the additive attention mask MultiheadAttention makes of a
+        # key_padding_mask (the same values, the same computation): its check of a
+        # key_padding_mask's shape imports torch.fx's symbolic shapes, 0.5 s in every process.
+        mask = torch.zeros(pad.shape, dtype=kv.dtype, device=kv.device).masked_fill_(pad, float("-inf"))
+        mask = mask[:, None, None, :].expand(-1, self.attn.num_heads, -1, -1).reshape(-1, 1, pad.shape[1])
+        return self.attn(q, kv, kv, attn_mask=mask, need_weights=False)[0][:, 0]
 
 
 # --------------------------------------------------------------------------- the model
