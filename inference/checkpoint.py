@@ -584,14 +584,21 @@ def load_model(
     CheckpointError
         When the checkpoint cannot be downloaded, read or verified (names the file and the fix).
     """
-    import safetensors.torch
-
     info = load_config(model_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if expected_schema is not None:
         try:
             expected_schema.check_compatible(info.schema, what=f"model {info.model_id}", expected_by="the caller")
         except SchemaMismatchError as err:
             raise CheckpointSchemaError(str(err)) from err
+    return load_model_from_config(info, map_location=map_location)
+
+
+def load_model_from_config(info: ModelInfo, map_location: str = "cpu"):
+    """Build the model :func:`load_config` described and load its weights (what
+    :func:`load_model` does once the checkpoint is resolved): a ``SpikeVAE`` in eval mode, with
+    ``model.model_info = info``."""
+    import safetensors.torch
+
     model = build_model(info.config, where=str(info.folder / CONFIG_NAME))
     weights = _check_weights(info.folder, model)
     safetensors.torch.load_model(model, str(weights), strict=True, device=map_location)

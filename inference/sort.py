@@ -43,7 +43,7 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,13 +286,13 @@ def sort(
     p = SortParams(clusterer=clusterer, features=features, matching=matching, motion_correction=motion_correction,
                    **params)
     job_kwargs = _job_kwargs(job_kwargs)
+    _skip_collection_at_exit()
     out = Path(out) if out is not None else None
     if out is not None:
         _prepare_out(out, overwrite)
     with _log_to(out):
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
-        import sklearn.cluster  # noqa: F401 - load sklearn's OpenMP and BLAS before limiting them
         from threadpoolctl import threadpool_limits
 
         from spikevault.malloc import keep_freed_memory
@@ -303,8 +303,10 @@ def sort(
         # One BLAS/OpenMP thread: the numerics here are many small matrices, where OpenBLAS and
         # OpenMP threads only spin (several times slower on a busy machine); parallelism comes
         # from job_kwargs' n_jobs (processes) and the encoder's torch threads.
-        with threadpool_limits(limits=1):
-            result = _run(recording, model, p, out, job_kwargs, timings, recording_id)
+        # scikit-learn's OpenMP and torch load later, while the traces are cached: late_limits
+        # limits them then (see _run) and lifts the limits with the others
+        with threadpool_limits(limits=1), ExitStack() as late_limits:
+            result = _run(recording, model, p, out, job_kwargs, timings, recording_id, late_limits)
         sorting, info = result["sorting"], result["info"]
         if out is not None:
             t = time.perf_counter()
@@ -333,13 +335,13 @@ def sort(
     return sorting
 
 
-def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id) -> dict:
+def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id, late_limits: ExitStack) -> dict:
     from spikevault.extract import check_recording, extract_events, load_recording, preprocess
 
     tick = _Ticker(timings)
     recording = load_recording(recording)
     name = recording_id or _recording_name(recording)
-    net, schema, eparams, model_desc = load_contract(model, p.features)
+    schema, eparams, model_desc, load_network = model_contract(model, p.features)
     if p.detect_threshold is not None:  # detection only: the events' schema and filtering stay the model's
         from dataclasses import replace
 
@@ -362,7 +364,20 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         estimate_motion = check_probe_for_drift_correction(recording)
         if not estimate_motion:
             logger.info("probe geometry does not allow drift correction along depth: motion not estimated")
-    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs)
+    loaded = {}
+
+    def load_libraries():
+        """The encoder and scikit-learn, loaded in the main process while the workers cache the
+        traces (or before, when nothing is cached)."""
+        from threadpoolctl import threadpool_limits
+
+        import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
+
+        loaded["net"] = load_network()
+        late_limits.enter_context(threadpool_limits(limits=1))
+
+    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+    net = loaded["net"]
     tick("preprocess_s")
     extract_kw = dict(schema=schema, params=eparams, recording_id=name, preprocessed=True, job_kwargs=job_kwargs)
     events = extract_events(rec, **extract_kw)
@@ -493,29 +508,41 @@ def load_contract(model, features: str):
     With ``features="pca"`` the network is not needed: ``model=None`` means the default schema
     and preprocessing; a given model still provides its schema and preprocessing.
     """
+    schema, eparams, desc, load_network = model_contract(model, features)
+    return load_network(), schema, eparams, desc
+
+
+def model_contract(model, features: str):
+    """``model``'s event schema and preprocessing from its ``config.json`` alone (no torch),
+    and a function that loads its network: (EventSchema, ExtractParams, description dict,
+    ``load_network() -> SpikeVAE or None``; None with ``features="pca"``).
+
+    The sort loads the network while its worker processes cache the preprocessed traces:
+    importing torch and reading the weights costs 1-1.5 s, which it then shares with them.
+    """
     from spikevault.extract import ExtractParams
     from spikevault.schema import DEFAULT_SCHEMA
 
     if model is None:
         if features == "model":
             raise ValueError("features='model' needs a model: pass model='default', a checkpoint folder or hf-hub id")
-        return None, DEFAULT_SCHEMA, ExtractParams(), {"id": None}
+        return DEFAULT_SCHEMA, ExtractParams(), {"id": None}, lambda: None
     if hasattr(model, "embed") and hasattr(model, "config"):  # an already loaded SpikeVAE
-        net = model
-        info = getattr(net, "model_info", None)
-        schema = net.config.event_schema
+        info = getattr(model, "model_info", None)
+        desc = {"id": getattr(info, "model_id", "<in-memory SpikeVAE>"), "revision": getattr(info, "revision", None),
+                "config": model.config.to_dict()}
         eparams = info.extract_params() if info is not None else ExtractParams()
-        desc = {"id": getattr(info, "model_id", "<in-memory SpikeVAE>"), "revision": getattr(info, "revision", None)}
-    else:
-        from .checkpoint import load_model
+        return model.config.event_schema, eparams, desc, (lambda: model if features == "model" else None)
+    from .checkpoint import load_config, load_model_from_config
 
-        net = load_model(model)
-        info = net.model_info
-        schema, eparams = info.schema, info.extract_params()
-        desc = {"id": str(info.model_id), "folder": str(info.folder), "revision": info.revision,
-                "source": info.source}
-    desc["config"] = net.config.to_dict()
-    return (net if features == "model" else None), schema, eparams, desc
+    info = load_config(model)
+    desc = {"id": str(info.model_id), "folder": str(info.folder), "revision": info.revision, "source": info.source,
+            "config": dict(info.config["model"])}
+
+    def load_network():  # from the folder load_config resolved: a hub id is resolved once
+        return load_model_from_config(info) if features == "model" else None
+
+    return info.schema, info.extract_params(), desc, load_network
 
 
 def embed_events(net, events: dict, batch_size: int = 128, n_threads: int = 1) -> tuple[np.ndarray, float]:
@@ -700,7 +727,7 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     return motion, max_disp
 
 
-def _cache(rec, mode: str, job_kwargs: dict):
+def _cache(rec, mode: str, job_kwargs: dict, while_writing=None):
     """The preprocessed recording held in RAM: one filtering pass instead of one per stage.
 
     The traces are quantised to int16 in steps of 1/``_CACHE_STEPS_PER_NOISE`` of the median
@@ -714,8 +741,13 @@ def _cache(rec, mode: str, job_kwargs: dict):
     neurons, drift64 0.856 -> 0.853, within the spread any small perturbation of the traces gives;
     see BENCHMARKS.md.) Shared memory lets SpikeInterface's worker processes read the cache instead
     of each receiving a pickled copy.
+
+    ``while_writing()``, when given, runs in the main process while the workers write the cache
+    (once; before returning when nothing is cached).
     """
     if mode == "none":
+        if while_writing is not None:
+            while_writing()
         return rec
     from spikevault.filters import OnePassScaleRecording, QuantiseRecording, mad_noise_levels
 
@@ -729,25 +761,31 @@ def _cache(rec, mode: str, job_kwargs: dict):
         nbytes = rec.get_total_samples() * rec.get_num_channels() * 2
         if nbytes > 0.25 * psutil.virtual_memory().available:
             logger.info("preprocessed traces (%.1f GB) too large to cache in RAM: kept lazy", nbytes / 1e9)
+            if while_writing is not None:
+                while_writing()
             return rec
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
     limit = _INT16_LIMIT * step
     # OnePassScaleRecording(clip(rec, -limit, limit), gain=1 / step, dtype="int16"), bit for bit, with
     # the median reference's subtraction, the clip and the scaling in one pass
     quantised = QuantiseRecording(rec, step=step, limit=limit)
-    cached = _save_to_shared_memory(quantised, jk)
+    cached = _save_to_shared_memory(quantised, jk, while_writing=while_writing)
     cached.set_probe(rec.get_probe(), in_place=True) if not cached.has_probe() and rec.has_probe() else None
     return OnePassScaleRecording(cached, gain=step, dtype="float32")
 
 
-def _save_to_shared_memory(rec, job_kwargs: dict):
+def _save_to_shared_memory(rec, job_kwargs: dict, while_writing=None):
     """``rec.save(format="memory", sharedmem=True)`` without its zero fill.
 
     SpikeInterface writes zeros over the whole new buffer before the workers write the traces:
     on this machine 0.9-3 s for drift64's 1.15 GB, in the main process while the workers wait.
     A new POSIX shared-memory block is zeroed by the system already; here the workers' writes are
     the first touch of each page. Returns the same ``SharedMemoryRecording`` (it unlinks the block
-    when deleted)."""
+    when deleted).
+
+    ``while_writing()`` runs once the first chunk is written, so after the workers started (they
+    are forked without what it loads) and while they write the rest; with ``n_jobs=1``, between
+    the first chunk and the others."""
     from multiprocessing.shared_memory import SharedMemory
 
     from spikeinterface.core import SharedMemoryRecording
@@ -758,8 +796,16 @@ def _save_to_shared_memory(rec, job_kwargs: dict):
     blocks = [SharedMemory(create=True, size=max(1, n * c * dtype.itemsize)) for n, c in shapes]
     try:
         names = [b.name for b in blocks]
+        pending = [while_writing] if while_writing is not None else []
+
+        def first_chunk_written(_):
+            while pending:
+                pending.pop()()
+
         TimeSeriesChunkExecutor(rec, _write_shared_chunk, _init_shared_writer, (rec, names, shapes, dtype),
-                                job_name="cache preprocessed traces", **fix_job_kwargs(job_kwargs)).run()
+                                gather_func=first_chunk_written, job_name="cache preprocessed traces",
+                                **fix_job_kwargs(job_kwargs)).run()
+        first_chunk_written(None)  # a recording without chunks
         cached = SharedMemoryRecording(shm_names=names, shape_list=shapes, dtype=dtype,
                                        sampling_frequency=rec.get_sampling_frequency(), channel_ids=rec.channel_ids,
                                        t_starts=rec.get_segment_t_starts(), main_shm_owner=True)
@@ -1694,6 +1740,28 @@ def _export_phy(out: Path, sorting, rec, job_kwargs) -> None:
     analyzer.compute(["random_spikes", "templates", "noise_levels"], **jk)
     export_to_phy(analyzer, output_folder=out / "phy", compute_pc_features=False, compute_amplitudes=False,
                   copy_binary=False, remove_if_exists=True, verbose=False, **jk)
+
+
+_exit_registered = False
+
+
+def _skip_collection_at_exit() -> None:
+    """Let the process exit without its final garbage collection (once per process).
+
+    At exit Python's last collections walk every object still alive: with torch, scipy,
+    scikit-learn and SpikeInterface loaded, millions of them, 1.1-1.4 s after a benchmark sort
+    on this machine (0.2-0.3 s with this). ``gc.freeze()`` in an ``atexit`` handler moves them
+    out of the collector's reach; objects freed by their reference counts are freed as before,
+    and only unreachable reference cycles keep their finalizers from running at exit, which
+    Python does not promise to run anyway.
+    """
+    global _exit_registered
+    if not _exit_registered:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _exit_registered = True
 
 
 class _Ticker:
