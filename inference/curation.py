@@ -303,24 +303,33 @@ def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np
 
 
 def split_clusters(events: EventSet, labels: np.ndarray, p: CurationParams,
-                   pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, int]:
+                   pool: ThreadPoolExecutor | None = None, memo: dict | None = None) -> tuple[np.ndarray, int]:
     """Split every cluster recursively until unimodal. Returns (new labels, number of splits).
 
     Clusters are tested level by level (every cluster, then both sides of each split...), the
     tests of a level in ``pool``'s threads when given. Each test draws its random subsets from
     its own generator, seeded by the seed, the cluster's label and the level, so the result does
     not depend on the threads.
+
+    A test's result depends only on the cluster's events, label and level: ``memo`` (a dict kept
+    across calls) records each one, and a cluster that comes back unchanged in a later round (no
+    merge touched it, or a split was merged back) is not tested again.
     """
     labels = labels.copy()
     next_label = int(labels.max()) + 1 if (labels >= 0).any() else 0
     n_splits = 0
+    memo = {} if memo is None else memo
     level = [int(u) for u in np.unique(labels[labels >= 0])]
     for depth in range(p.max_split_depth):
         if not level:
             break
         members = [np.flatnonzero(labels == u) for u in level]
-        rngs = [np.random.default_rng([p.seed, u, depth]) for u in level]
-        sides = _map(pool, lambda idx, rng: _split_once(events, idx, p, rng), members, rngs)
+        keys = [(u, depth, idx.tobytes()) for u, idx in zip(level, members)]
+        todo = [k for k, key in enumerate(keys) if key not in memo]
+        rngs = [np.random.default_rng([p.seed, level[k], depth]) for k in todo]
+        found = _map(pool, lambda idx, rng: _split_once(events, idx, p, rng), [members[k] for k in todo], rngs)
+        memo.update({keys[k]: side for k, side in zip(todo, found)})
+        sides = [memo[key] for key in keys]
         tested, level = level, []
         for u, idx, side in zip(tested, members, sides):
             if side is None:
@@ -581,14 +590,18 @@ def curate(
     units, counts = np.unique(labels[labels >= 0], return_counts=True)
     for u in units[counts < p.min_cluster_size // 2]:
         labels[labels == u] = -1
+    split_memo: dict = {}
     with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as pool:
         for r in range(p.max_rounds):
-            labels, n_split = split_clusters(events, labels, p, pool)
+            start = labels
+            labels, n_split = split_clusters(events, labels, p, pool, memo=split_memo)
             labels, n_merge = merge_clusters(events, labels, p, pool)
             stats["rounds"].append({"splits": n_split, "merges": n_merge})
             logger.info("curation round %d: %d splits, %d merges", r + 1, n_split, n_merge)
             if n_split == 0 and n_merge == 0:
                 break
+            if np.array_equal(labels, start):
+                break  # every split merged back: each further round would repeat this one
             if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
                 break  # split/merge ping-pong: stable enough
     before = labels.copy()
