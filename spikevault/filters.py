@@ -302,37 +302,42 @@ SPARSE_FRACTION = 0.5
 
 def local_whitening_matrix(recording, radius_um: float, seed: int = 0) -> np.ndarray:
     """SpikeInterface's local whitening matrix (``whiten(recording, mode="local",
-    radius_um=radius_um, seed=seed)``'s ``W``, the same values), with fewer copies of its data.
+    radius_um=radius_um, seed=seed)``'s ``W``), to float32 rounding, without holding its data.
 
-    SpikeInterface keeps its 20 random chunks, concatenates them, copies them to float32 again,
+    SpikeInterface reads its 20 random chunks, concatenates them, copies them to float32 again,
     then squares and flattens them for the median that sets its regularisation ``eps``: on a
-    384-channel probe 77 M values, 3-6 s in the main process. Here the chunks are read into one
-    array, and since that median matters only when it is below 1 (traces in volts, say) the
-    squares are counted block by block and the median computed only then. The covariance and each
-    channel's neighbourhood whitening are SpikeInterface's own operations.
+    384-channel probe 77 M values. Even read into one array, their 300 MB of fresh memory cost
+    about 1 s of page faults on this project's machine, in the main process while the workers
+    wait. Here the covariance is summed chunk by chunk (the same chunks, in float64; the matrix
+    differs from SpikeInterface's by float32 rounding: 7e-7 of its largest weight in a test), and since
+    the median matters only when it is below 1 (traces in volts, say) the samples below 1 are
+    counted chunk by chunk and the chunks read again for the median only then. Each channel's
+    neighbourhood whitening is SpikeInterface's own operation.
     """
     from spikeinterface.core.recording_tools import get_channel_distances, get_random_sample_slices
     from spikeinterface.preprocessing.whiten import compute_whitening_from_covariance
 
-    # get_random_data_chunks(recording, concatenated=True, seed=seed) as float32, each chunk read
-    # straight into the array (SpikeInterface keeps the chunks, then concatenates them: twice the
-    # fresh memory, 300 MB each time on 384 channels)
+    # the chunks of get_random_data_chunks(recording, concatenated=True, seed=seed), as float32
     slices = get_random_sample_slices(recording, seed=seed)
-    data = np.empty((sum(end - start for _, start, end in slices), recording.get_num_channels()), dtype=np.float32)
-    row = 0
-    for segment_index, start, end in slices:
-        data[row: row + end - start] = recording.get_traces(start_frame=start, end_frame=end,
-                                                            segment_index=segment_index, return_in_uV=False)
-        row += end - start
-    cov = data.T @ data
-    cov = cov / data.shape[0]
-    below_one = sum(int(np.count_nonzero(np.abs(data[s: s + 10_000]) < 1)) for s in range(0, len(data), 10_000))
+
+    def chunk(segment_index, start, end):
+        return recording.get_traces(start_frame=start, end_frame=end, segment_index=segment_index,
+                                    return_in_uV=False).astype(np.float32, copy=False)
+
+    n = recording.get_num_channels()
+    total = np.zeros((n, n), dtype=np.float64)
+    below_one = num_values = 0
+    for piece in slices:
+        data = chunk(*piece)
+        total += data.T @ data
+        below_one += int(np.count_nonzero(np.abs(data) < 1))
+        num_values += data.size
+    cov = (total / (num_values // n)).astype(np.float32)
     eps = 1e-16
-    if 2 * below_one >= data.size - 1:  # the median of the squares may be below 1: SpikeInterface's rule
-        median_sq = np.median(data ** 2)
+    if 2 * below_one >= num_values - 1:  # the median of the squares may be below 1: SpikeInterface's rule
+        median_sq = np.median(np.concatenate([chunk(*piece).ravel() ** 2 for piece in slices]))
         if 0 < median_sq < 1:
             eps = max(1e-16, median_sq * 1e-3)
-    n = cov.shape[0]
     distances = get_channel_distances(recording)
     W = np.zeros((n, n), dtype="float32")
     for c in range(n):
@@ -426,7 +431,8 @@ class QuantiseRecording(BasePreprocessor):
 
 def local_whitening(recording, radius_um: float, seed: int = 0) -> BlockWhitenRecording:
     """``whiten(recording, dtype="float32", mode="local", radius_um=radius_um, seed=seed)``: the same
-    matrix (:func:`local_whitening_matrix`) and values, computed and applied faster."""
+    matrix (:func:`local_whitening_matrix`) and values to float32 rounding, computed and applied
+    faster."""
     W = local_whitening_matrix(recording, radius_um, seed=seed)
     return BlockWhitenRecording(recording, dtype="float32", mode="local", radius_um=radius_um, W=W)
 

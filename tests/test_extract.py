@@ -404,14 +404,18 @@ def test_local_whitening_is_spikeinterfaces_by_blocks_on_a_long_probe_dense_on_a
         assert isinstance(fast, BlockWhitenRecording)
         for gain in (1.0, 1e-6):  # microvolts; volts (SpikeInterface regularises by the median square)
             scaled = scale(rec, gain=gain, dtype="float32")
-            assert np.array_equal(local_whitening_matrix(scaled, 100.0, seed=0),
-                                  np.asarray(whiten(scaled, mode="local", radius_um=100.0, seed=0)._kwargs["W"]))
+            mine = local_whitening_matrix(scaled, 100.0, seed=0)
+            theirs = np.asarray(whiten(scaled, mode="local", radius_um=100.0, seed=0)._kwargs["W"])
+            # the covariance summed chunk by chunk: float32 rounding apart, the same matrix
+            assert np.array_equal(mine != 0, theirs != 0)
+            assert np.max(np.abs(mine - theirs)) <= 1e-4 * np.max(np.abs(theirs))
         assert isinstance(fast.segments[0], _BlockWhitenSegment) == blocked
-        assert np.array_equal(np.asarray(fast._kwargs["W"]), np.asarray(want._kwargs["W"]))
+        W, want_W = np.asarray(fast._kwargs["W"]), np.asarray(want._kwargs["W"])
+        assert np.max(np.abs(W - want_W)) <= 1e-4 * np.max(np.abs(want_W))
         got = fast.get_traces(start_frame=1000, end_frame=31_000)
         ref = want.get_traces(start_frame=1000, end_frame=31_000)
         assert got.dtype == np.float32 and got.shape == ref.shape
-        assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+        assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
         sub = fast.get_traces(start_frame=0, end_frame=500, channel_ids=rec.channel_ids[3:6])
         assert np.array_equal(sub, fast.get_traces(start_frame=0, end_frame=500)[:, 3:6])
 
