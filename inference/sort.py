@@ -642,6 +642,9 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
 #: 'auto' motion correction: a recording whose cheap screening estimate of the drift stays within
 #: this fraction of ``SortParams.drift_threshold_um`` is taken as static (see :func:`estimate_drift`).
 DRIFT_SCREEN_FRACTION = 0.5
+#: The motion estimate's grid_convolution localisation reads chunks of this many channel-seconds
+#: (10 s on 64 channels; 1.7 s on 384, where 10 s chunks peaked at 2.7 GB against 1.5 GB static).
+GRID_CHUNK_CHANNEL_SECONDS = 640.0
 
 
 def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dict,
@@ -705,9 +708,12 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
             else:
                 # Seeded: grid_convolution's prototype waveform comes from a random subset of the
                 # peaks (unseeded, two runs gave positions up to 7 um apart and different sortings).
-                # In 10 s chunks: the method works channel by channel within a chunk, a few peaks
-                # at a time in 1 s chunks (drift64: 7.1 s against 2.1 s, the same positions).
-                locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": "10s"}, seed=seed)
+                # In long chunks: the method works channel by channel within a chunk, a few peaks
+                # at a time in 1 s chunks (drift64: 7.1 s against 2.1 s in 10 s chunks, the same
+                # positions). Its chunk holds every peak's waveform on every channel, so the
+                # length shrinks with the channel count (GRID_CHUNK_CHANNEL_SECONDS)
+                chunk_s = min(10.0, max(1.0, GRID_CHUNK_CHANNEL_SECONDS / rec.get_num_channels()))
+                locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": f"{chunk_s:g}s"}, seed=seed)
             motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                      win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
                                      histogram_time_smooth_s=time_smooth_s, progress_bar=False)
