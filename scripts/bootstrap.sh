@@ -20,4 +20,7 @@ py=.venv/bin/python
 # torch first, so nothing below pulls a multi-GB CUDA build on a CPU machine.
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 "$py" -m pip install -q -e ".$extras"
+# Compile the sort's numba kernels into numba's disk cache now (about 30 s), not in the first sort
+# (inference/warmup.py). A failure here only means they compile on first use.
+.venv/bin/spikevault warmup || echo "bootstrap: warm-up failed; numba compiles the kernels on the first sort" >&2
 touch "$stamp"

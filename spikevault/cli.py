@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("inference.hub_cli:models", "list known checkpoints"),
     "sort": ("inference.sort_cli", "zero-shot spike sorting of a recording"),
     "demo": ("inference.demo", "sort a generated example recording with the default model and score it"),
+    "warmup": ("inference.warmup", "compile the sort's numba kernels now (numba's disk cache), not in the first sort"),
 }
 
 

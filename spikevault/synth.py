@@ -199,6 +199,8 @@ def _generate_drifting(prb, probe_name, duration_s, num_units, sampling_rate_hz,
     )
     recording.annotate(probe_name=probe_name, is_filtered=True)
     recording.set_probe(prb, in_place=True) if not recording.has_probe() else None
+    recording.set_channel_gains(1.0)  # generated in microvolts, as the static recordings say
+    recording.set_channel_offsets(0.0)
     return recording, sorting
 
 

@@ -30,3 +30,18 @@ def test_sort_cli_does_not_import_training_stack():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_warmup_compiles_the_sorts_kernels_with_numbas_cache_on(capsys):
+    """`spikevault warmup` runs its two short sorts; afterwards the curation's unimodality test
+    (SpikeInterface's isocut, the slowest kernel to compile) and the filter are compiled, with
+    numba's disk cache on, so later processes load them."""
+    from numba.core.caching import NullCache
+
+    from inference.curation import _get_isocut
+    from spikevault.filters import _COMPILED, _sosfiltfilt_py
+
+    assert main(["warmup"]) == 0
+    assert "numba kernels compiled" in capsys.readouterr().out
+    for kernel in (_get_isocut(), _COMPILED[_sosfiltfilt_py]):
+        assert kernel.signatures and not isinstance(kernel._cache, NullCache)
