@@ -1176,7 +1176,7 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
 
     node = DriftingWobble(white, templates, motion=drift.motion, whitening=matrix, sparsity=sparsity,
                           step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
-                          min_norm_sq=WOBBLE_THRESHOLD)
+                          min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
         spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
                                    squeeze_output=True, names=["spikes"])
