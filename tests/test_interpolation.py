@@ -97,3 +97,25 @@ def test_neuropixels_kernels_are_stored_by_blocks():
         assert dense is None and blocks is not None
         covered = sum(block.size for _, _, block in blocks)
         assert covered < 0.5 * 384 * 384
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_motion_correction_written_over_the_cache_equals_the_lazy_correction(n_jobs):
+    """The sort's int16 cache, corrected in place chunk by chunk (in worker processes or not),
+    holds the lazily corrected traces quantised as the cache quantises: within half a step."""
+    from inference.interpolation import KrigingMotionRecording
+    from inference.sort import _cache, _correct_cache_in_place
+
+    rec = _recording("dense64", duration_s=2.0)
+    jk = {"n_jobs": n_jobs, "chunk_duration": "250ms", "progress_bar": False}
+    cache = _cache(rec, "memory", jk)
+    motion = _motion(rec, rigid=False)
+    kw = dict(border_mode="force_extrapolate", spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+    corrected = KrigingMotionRecording(cache, motion, **kw)
+    expected = corrected.get_traces()
+    step = float(np.asarray(cache._kwargs["gain"]).ravel()[0])
+    assert _correct_cache_in_place(cache, corrected, jk)
+    got = cache.get_traces()
+    assert np.max(np.abs(got - expected)) <= 0.5 * step * (1 + 1e-4)
+    assert np.allclose(got / step, np.round(got / step), atol=1e-3)  # whole steps, as cached
+    assert not _correct_cache_in_place(rec, KrigingMotionRecording(rec, motion, **kw), jk)  # not a cache
