@@ -226,7 +226,7 @@ class DriftingWobble(BaseTemplateMatching):
             return FftWobbleMatch(recording, white, return_output=return_output, parameters=dict(parameters or {}))
 
         # wobble's precomputations (FFT convolutions, SVDs: numpy and SciPy release the GIL) in
-        # n_threads threads: 22 of them took 1.9 s on drift64 in the main process
+        # n_threads threads: drift64's 22 took 1.6-1.8 s in the main process, 1.0-1.1 s in two
         if n_threads > 1 and len(sets) > 1:
             from concurrent.futures import ThreadPoolExecutor
 

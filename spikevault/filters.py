@@ -309,10 +309,10 @@ def local_whitening_matrix(recording, radius_um: float, seed: int = 0) -> np.nda
     384-channel probe 77 M values. Even read into one array, their 300 MB of fresh memory cost
     about 1 s of page faults on this project's machine, in the main process while the workers
     wait. Here the covariance is summed chunk by chunk (the same chunks, in float64; the matrix
-    differs from SpikeInterface's by float32 rounding: 7e-7 of its largest weight in a test), and since
-    the median matters only when it is below 1 (traces in volts, say) the samples below 1 are
-    counted chunk by chunk and the chunks read again for the median only then. Each channel's
-    neighbourhood whitening is SpikeInterface's own operation.
+    differs from SpikeInterface's by float32 rounding: 7e-7 of its largest weight in a test),
+    and since the median matters only when it is below 1 (traces in volts, say) the samples below
+    1 are counted chunk by chunk and the chunks read again for the median only then. Each
+    channel's neighbourhood whitening is SpikeInterface's own operation.
     """
     from spikeinterface.core.recording_tools import get_channel_distances, get_random_sample_slices
     from spikeinterface.preprocessing.whiten import compute_whitening_from_covariance
@@ -326,15 +326,15 @@ def local_whitening_matrix(recording, radius_um: float, seed: int = 0) -> np.nda
 
     n = recording.get_num_channels()
     total = np.zeros((n, n), dtype=np.float64)
-    below_one = num_values = 0
+    below_one = num_samples = 0
     for piece in slices:
         data = chunk(*piece)
         total += data.T @ data
         below_one += int(np.count_nonzero(np.abs(data) < 1))
-        num_values += data.size
-    cov = (total / (num_values // n)).astype(np.float32)
+        num_samples += len(data)
+    cov = (total / num_samples).astype(np.float32)
     eps = 1e-16
-    if 2 * below_one >= num_values - 1:  # the median of the squares may be below 1: SpikeInterface's rule
+    if 2 * below_one >= num_samples * n - 1:  # the median of the squares may be below 1: SpikeInterface's rule
         median_sq = np.median(np.concatenate([chunk(*piece).ravel() ** 2 for piece in slices]))
         if 0 < median_sq < 1:
             eps = max(1e-16, median_sq * 1e-3)
