@@ -406,9 +406,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             # must stay as they are: the corrected ones (for re-detection) are interpolated
             # lazily from them. Otherwise every later pass reads corrected traces: written
             # over the cache once, they are read back as cheaply as before.
-            keeps_recorded = (p.drifting_templates and p.matching and p.matching_method == "wobble"
-                              and len(motion.spatial_bins_um) == 1)
-            if keeps_recorded or not _correct_cache_in_place(rec, corrected, job_kwargs):
+            if _matches_recorded_traces(p, motion) or not _correct_cache_in_place(rec, corrected, job_kwargs):
                 rec = corrected
             motion_info["written_over_cache"] = rec is not corrected
             events = extract_events(rec, **extract_kw)
@@ -454,8 +452,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
                                                        [np.zeros(0, "int64")] * recording.get_num_segments(), fs)
     else:
         drift = None
-        if (applied_motion is not None and p.drifting_templates and p.matching and p.matching_method == "wobble"
-                and len(applied_motion.spatial_bins_um) == 1):
+        if applied_motion is not None and _matches_recorded_traces(p, applied_motion):
             templates, drift = make_registered_templates(recorded, applied_motion, events, labels, p, noise, job_kwargs)
             drift.step_um = drift_step_um(applied_motion, templates)
             drift = drift if drift.step_um is not None else None
@@ -509,6 +506,13 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
 
 
 # ------------------------------------------------------------------------------------ the model
+def _matches_recorded_traces(p: SortParams, motion) -> bool:
+    """Whether matching runs on the recorded traces with templates following ``motion`` (wobble's
+    drifting templates: rigid motion only), so the recorded traces must outlive the correction."""
+    return bool(p.drifting_templates and p.matching and p.matching_method == "wobble"
+                and len(motion.spatial_bins_um) == 1)
+
+
 def load_contract(model, features: str):
     """Resolve ``model`` to (network or None, EventSchema, ExtractParams, description dict).
 
