@@ -133,3 +133,26 @@ def test_objective_over_each_units_channel_span_equals_the_dense_product(recordi
         fast.clean()
     assert sparse.dtype == dense.dtype == np.float32
     assert np.max(np.abs(sparse - dense)) < 1e-4 * np.max(np.abs(dense))
+
+
+@pytest.mark.parametrize("num_units", [8, 2])  # 40 rows on 32 channels: by channel; 10 rows: by row
+def test_objective_equals_wobbles_by_channel_and_by_row(num_units):
+    from spikeinterface.sortingcomponents.matching.wobble import compute_objective
+
+    from inference.fast_wobble import FftWobbleMatch
+
+    rec, templates = _recording_and_templates(num_units=num_units)
+    fast = FftWobbleMatch(rec, templates, parameters={"threshold": 25.0})
+    try:
+        rank, units, _ = fast.template_data.compressed_templates[0].shape
+        assert (rec.get_num_channels() < rank * units) == (num_units == 8)
+        traces = rec.get_traces(start_frame=0, end_frame=20_000).astype(np.float32)
+        want = compute_objective(traces, fast.template_data, fast.params.approx_rank)
+        for _ in range(2):  # the second time from the buffers and spectra kept from the first
+            got = fast.objective(traces)
+            assert got.shape == want.shape and got.dtype == np.float32
+            assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want))
+        shorter = fast.objective(traces[:15_000])  # a shorter (last) chunk: new buffers, same values
+        assert np.max(np.abs(shorter - got[:, : shorter.shape[1]])[:, :14_000]) < 1e-4 * np.max(np.abs(want))
+    finally:
+        fast.clean()
