@@ -181,7 +181,7 @@ class DriftingWobble(BaseTemplateMatching):
         from spikeinterface.core import Templates
         from spikeinterface.core.sparsity import ChannelSparsity
 
-        from .fast_wobble import FftWobbleMatch
+        from .fast_wobble import FftWobbleMatch, whitened_refit
 
         BaseTemplateMatching.__init__(self, recording, templates, return_output=return_output)
         if motion is None:
@@ -200,9 +200,9 @@ class DriftingWobble(BaseTemplateMatching):
         # fitted noise with scaled-up copies of it
         floor = np.maximum(min_norm_sq, np.minimum(OUT_OF_REACH_FRACTION * rest_norm_sq,
                                                    OUT_OF_REACH_THRESHOLDS * min_norm_sq))
-        self.engines, self.kept, self.refit_templates = [], [], []
+        self.engines, self.kept = [], []
         unwhiten = np.linalg.pinv(matrix).astype(np.float32)
-        sets = []  # each displacement's whitened templates, its wobble precomputation made below
+        sets = []  # each displacement's whitened templates and refit, its wobble precomputation made below
         for d in self.grid:
             moved = moved_templates(dense, source_locations, locations, float(d), dim=motion.dim)
             mask = sparsity(moved) if sparsity is not None else np.abs(moved).max(axis=1) > 0
@@ -212,22 +212,19 @@ class DriftingWobble(BaseTemplateMatching):
             self.kept.append(keep)
             if len(keep) == 0:
                 self.engines.append(None)
-                self.refit_templates.append(None)
                 continue
             ids = templates.unit_ids[keep]
-            refit = (moved[keep] * mask[keep][:, None, :]).astype(np.float32)
-            # <traces @ unwhiten, t> = <traces, t @ unwhiten.T>: the matched (whitened) traces
-            # are projected on these instead of unwhitening every chunk (30k x 64 x 64 per
-            # second of drift64) for the few windows the spikes cover
-            self.refit_templates.append((refit, (refit @ unwhiten.T).astype(np.float32)))
             white = Templates(templates_array=white[keep], sampling_frequency=templates.sampling_frequency,
                               nbefore=templates.nbefore, is_in_uV=True, sparsity_mask=None,
                               channel_ids=templates.channel_ids, unit_ids=ids, probe=templates.probe)
-            sets.append(white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids)))
+            sets.append((white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids)),
+                         whitened_refit(moved[keep] * mask[keep][:, None, :], unwhiten)))
             self.engines.append(len(sets) - 1)
 
-        def precompute(white):
-            return FftWobbleMatch(recording, white, return_output=return_output, parameters=dict(parameters or {}))
+        def precompute(white_and_refit):
+            white, refit = white_and_refit
+            return FftWobbleMatch(recording, white, return_output=return_output, parameters=dict(parameters or {}),
+                                  refit=refit)
 
         # wobble's precomputations (FFT convolutions, SVDs: numpy and SciPy release the GIL) in
         # n_threads threads: drift64's 22 took 1.6-1.8 s in the main process, 1.0-1.1 s in two
@@ -237,7 +234,7 @@ class DriftingWobble(BaseTemplateMatching):
             with ThreadPoolExecutor(n_threads) as pool:
                 built = list(pool.map(precompute, sets))
         else:
-            built = [precompute(white) for white in sets]
+            built = [precompute(white_and_refit) for white_and_refit in sets]
         self.engines = [None if e is None else built[e] for e in self.engines]
         self._current = 0
         self.margin = built[0].get_margin() if built else 300  # wobble's own margin
@@ -265,10 +262,6 @@ class DriftingWobble(BaseTemplateMatching):
         if self.engines[index] is None:
             return np.zeros(0, dtype=_base_matching_dtype)
         spikes = self.engines[index].compute_matching(traces, start_frame, end_frame, segment_index)
-        if len(spikes):  # wobble reports the peak voltage: the amplitude is the template's scaling
-            refit, projections = self.refit_templates[index]
-            spikes["amplitude"] = refit_amplitudes(traces, spikes["sample_index"] - self.nbefore,
-                                                   spikes["cluster_index"], refit, projections=projections)
         spikes["cluster_index"] = self.kept[index][spikes["cluster_index"]]
         return spikes
 
@@ -276,37 +269,3 @@ class DriftingWobble(BaseTemplateMatching):
         for engine in self.engines:
             if engine is not None:
                 engine.clean()
-
-
-def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, templates: np.ndarray,
-                     projections: np.ndarray | None = None) -> np.ndarray:
-    """Least-squares amplitude scalings of templates placed at ``starts`` in ``traces``, fitted
-    jointly so that overlapping spikes share the signal (SpikeInterface's ``amplitude_scalings``
-    with collisions, on the templates as they look at the chunk's displacement).
-
-    ``templates`` [units, samples, channels] are zero off each unit's channels; ``starts`` sorted
-    (windows may run past the traces' ends, which count as zeros). ``projections``: what each
-    window of ``traces`` is projected on instead of its template, when the traces are a linear
-    transform of those the templates describe (``templates @ M.T`` for traces ``x`` standing for
-    ``x @ M``).
-    """
-    n, width = len(starts), templates.shape[1]
-    projections = templates if projections is None else projections
-    b = np.zeros(n)
-    for i in range(n):
-        s = int(starts[i])
-        lo, hi = max(s, 0), min(s + width, len(traces))
-        if hi > lo:
-            b[i] = np.sum(traces[lo:hi] * projections[units[i], lo - s: hi - s])
-    gram = np.zeros((n, n))
-    norms = np.sum(templates.astype(np.float64) ** 2, axis=(1, 2))
-    gram[np.arange(n), np.arange(n)] = norms[units]
-    for i in range(n):
-        j = i + 1
-        while j < n and starts[j] - starts[i] < width:
-            lag = starts[j] - starts[i]
-            g = np.sum(templates[units[i], lag:] * templates[units[j], : width - lag])
-            gram[i, j] = gram[j, i] = g
-            j += 1
-    # least squares, not solve: two near-identical templates at one time make the system singular
-    return np.linalg.lstsq(gram, b, rcond=None)[0]

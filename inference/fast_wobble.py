@@ -48,7 +48,10 @@ class FftWobbleMatch(WobbleMatch):
 
     name = "wobble-fft"
 
-    def __init__(self, recording, templates, return_output=True, parameters=None, shared_memory=True):
+    def __init__(self, recording, templates, return_output=True, parameters=None, shared_memory=True, refit=None):
+        """``refit``: ``(templates, projections)`` for :func:`refit_amplitudes`, when each spike's
+        amplitude is to be its template's least-squares scaling (fitted jointly with the spikes
+        it overlaps) instead of wobble's peak voltage."""
         from spikeinterface.sortingcomponents.matching import wobble
 
         # wobble's __init__ calls its module's convolve_templates; it is swapped for the batched
@@ -65,6 +68,7 @@ class FftWobbleMatch(WobbleMatch):
         self._spans: list | bool | None = None
         self._padded: np.ndarray | None = None
         self._padded_length = 0
+        self.refit = refit
 
     def objective(self, traces: np.ndarray) -> np.ndarray:
         """Wobble's objective [templates, len(traces) + samples - 1] for a chunk of traces.
@@ -211,7 +215,11 @@ class FftWobbleMatch(WobbleMatch):
         spikes["sample_index"] = spike_train[:, 0]
         spikes["cluster_index"] = spike_train[:, 1]
         spikes["channel_index"] = channels
-        spikes["amplitude"] = np.abs(at_peak[np.arange(len(channels)), channels])
+        if self.refit is None:
+            spikes["amplitude"] = np.abs(at_peak[np.arange(len(channels)), channels])
+        else:
+            spikes["amplitude"] = refit_amplitudes(traces, spike_train[:, 0] - self.nbefore, spike_train[:, 1],
+                                                   *self.refit)
         return spikes
 
 
@@ -270,3 +278,49 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
         for row, conv in zip(rows, convolved):  # [length, overlapping] -> wobble's [overlapping, length]
             pairwise[row] = np.ascontiguousarray(conv.T)
     return pairwise
+
+
+def whitened_refit(templates: np.ndarray, unwhiten: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:class:`FftWobbleMatch`'s ``refit`` for matching whitened traces with amplitudes fitted on
+    the unwhitened ones: ``templates`` [units, samples, channels] unwhitened, zero off each unit's
+    channels; ``unwhiten`` the matrix taking whitened traces back.
+
+    ``<traces @ unwhiten, t> = <traces, t @ unwhiten.T>``: the whitened traces are projected on
+    these instead of unwhitening every chunk (30k x 64 x 64 per second of drift64) for the few
+    windows the spikes cover."""
+    templates = np.asarray(templates, dtype=np.float32)
+    return templates, (templates @ np.asarray(unwhiten, dtype=np.float32).T).astype(np.float32)
+
+
+def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, templates: np.ndarray,
+                     projections: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares amplitude scalings of templates placed at ``starts`` in ``traces``, fitted
+    jointly so that overlapping spikes share the signal (SpikeInterface's ``amplitude_scalings``
+    with collisions, on the templates as they look at the chunk's displacement).
+
+    ``templates`` [units, samples, channels] are zero off each unit's channels; ``starts`` sorted
+    (windows may run past the traces' ends, which count as zeros). ``projections``: what each
+    window of ``traces`` is projected on instead of its template, when the traces are a linear
+    transform of those the templates describe (``templates @ M.T`` for traces ``x`` standing for
+    ``x @ M``).
+    """
+    n, width = len(starts), templates.shape[1]
+    projections = templates if projections is None else projections
+    b = np.zeros(n)
+    for i in range(n):
+        s = int(starts[i])
+        lo, hi = max(s, 0), min(s + width, len(traces))
+        if hi > lo:
+            b[i] = np.sum(traces[lo:hi] * projections[units[i], lo - s: hi - s])
+    gram = np.zeros((n, n))
+    norms = np.sum(templates.astype(np.float64) ** 2, axis=(1, 2))
+    gram[np.arange(n), np.arange(n)] = norms[units]
+    for i in range(n):
+        j = i + 1
+        while j < n and starts[j] - starts[i] < width:
+            lag = starts[j] - starts[i]
+            g = np.sum(templates[units[i], lag:] * templates[units[j], : width - lag])
+            gram[i, j] = gram[j, i] = g
+            j += 1
+    # least squares, not solve: two near-identical templates at one time make the system singular
+    return np.linalg.lstsq(gram, b, rcond=None)[0]

@@ -1147,21 +1147,22 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     the fitted spike's squared norm in noise units (25: a spike 5 noise SDs tall along its
     template); its refractory period is the sort's (at most a template's length). Wobble reports
     each spike's peak voltage, not its fitted amplitude: the amplitudes (scaling of the template,
-    1 = the template) are then fitted by SpikeInterface's ``amplitude_scalings`` on the unwhitened
-    traces, collisions included, as the steps after matching expect.
+    1 = the template), as the steps after matching expect, are fitted in the same pass, chunk by
+    chunk, jointly for overlapping spikes, on the unwhitened traces' template channels
+    (:func:`inference.fast_wobble.refit_amplitudes`; SpikeInterface's ``amplitude_scalings`` with
+    collisions did the same in a pass of its own, about 1 s of static32 and np384).
 
     With ``drift``, wobble runs on the recorded traces, whitened, and each 1 s chunk with the
     templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`,
     which refits the amplitudes itself, jointly, on the unwhitened traces with the moved templates).
     """
-    from spikeinterface.core import NumpySorting, Templates
-    from spikeinterface.core.sparsity import ChannelSparsity
+    from spikeinterface.core import Templates
     from spikeinterface.core.node_pipeline import run_node_pipeline
-    from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
+    from spikeinterface.core.sparsity import ChannelSparsity
 
     from spikevault.filters import local_whitening
 
-    from .fast_wobble import FftWobbleMatch
+    from .fast_wobble import FftWobbleMatch, whitened_refit
 
     # wobble masks its objective over the refractory window: beyond a template's length it indexes
     # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
@@ -1179,28 +1180,16 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    node = FftWobbleMatch(white, white_templates, parameters=params)
+    dense = templates.get_dense_templates() * mask[:, None, :]
+    node = FftWobbleMatch(white, white_templates, parameters=params,
+                          refit=whitened_refit(dense, np.linalg.pinv(matrix)))
     try:
         spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
                                    names=["spikes"])
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
-    spikes = spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
-    if len(spikes) == 0:
-        return spikes
-    vector = np.zeros(len(spikes), dtype=[("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")])
-    for name, source in (("sample_index", "sample_index"), ("unit_index", "cluster_index"), ("segment_index", "segment_index")):
-        vector[name] = spikes[source]
-    sorting = NumpySorting(vector, rec.get_sampling_frequency(), templates.unit_ids)
-    analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates, noise_levels=noise_levels)
-    analyzer.compute("amplitude_scalings", handle_collisions=True,
-                     **{k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")})
-    scalings = analyzer.get_extension("amplitude_scalings").get_data()
-    # the scalings follow the sorting's spike vector; put both in (segment, sample, unit) order
-    ordered = sorting.to_spike_vector()
-    spikes["amplitude"] = scalings[np.lexsort((ordered["unit_index"], ordered["sample_index"], ordered["segment_index"]))]
-    return spikes
+    return spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
 
 
 def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels) -> np.ndarray:

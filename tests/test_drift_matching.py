@@ -141,7 +141,7 @@ def test_drifting_wobble_finds_the_drifting_spikes():
 def test_refit_amplitudes_shares_overlapping_spikes():
     """Joint least squares: two overlapping spikes at 0.7 and 1.3 of their templates are fitted
     to those scalings, where fitting each alone takes the other's overlap."""
-    from inference.drift_matching import refit_amplitudes
+    from inference.fast_wobble import refit_amplitudes
 
     rng = np.random.default_rng(0)
     templates = rng.normal(size=(2, 40, 4)).astype(np.float32) * np.hanning(40)[None, :, None].astype(np.float32)
@@ -187,7 +187,7 @@ def test_refit_amplitudes_on_transformed_traces_projects_on_transformed_template
     """Traces given as ``x @ M`` (whitened) with projections ``templates @ inv(M).T`` fit the
     scalings of ``x`` itself; windows running past the traces' ends count as zeros there (as
     before: those spikes' fits are only compared between the two)."""
-    from inference.drift_matching import refit_amplitudes
+    from inference.fast_wobble import refit_amplitudes
 
     rng = np.random.default_rng(1)
     templates = rng.normal(size=(2, 40, 4)).astype(np.float32) * np.hanning(40)[None, :, None].astype(np.float32)
