@@ -16,9 +16,9 @@ end is known beyond the contacts wherever the drift carried it onto the probe, o
 extending the probe past its ends (:func:`extended_locations`). Wobble's precomputation runs
 once per displacement on a grid (``step_um``); each chunk of the recording (1 s) is matched
 with the grid point nearest the displacement at its centre (:class:`DriftingWobble`), and the
-amplitudes are refitted on the same moved templates (:func:`refit_amplitudes`). A neuron the
-drift carries out of reach is left out of the chunks where its moved template is too weak to
-tell from noise.
+amplitudes are refitted on the same moved templates
+(:func:`inference.fast_wobble.refit_amplitudes`). A neuron the drift carries out of reach is left
+out of the chunks where its moved template is too weak to tell from noise.
 
 On drift64 (SpikeInterface's drifting generator, +-20 um zigzag) and its two other seeds the
 sort went from 0.857 / 0.868 / 0.923 to 0.875 / 0.921 / 0.931 (BENCHMARKS.md).
@@ -173,7 +173,7 @@ class DriftingWobble(BaseTemplateMatching):
     ``parameters`` wobble's. A unit whose moved template's whitened squared norm is below
     ``min_norm_sq`` (wobble's threshold), or below ``OUT_OF_REACH_FRACTION`` of its rest norm and
     ``OUT_OF_REACH_THRESHOLDS`` thresholds, is left out at that displacement. Each spike's
-    amplitude is its least-squares scaling (:func:`refit_amplitudes`).
+    amplitude is its least-squares scaling (:func:`inference.fast_wobble.refit_amplitudes`).
     """
 
     def __init__(self, recording, templates, return_output=True, motion=None, whitening=None, sparsity=None,
