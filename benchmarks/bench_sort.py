@@ -19,7 +19,8 @@ Sorters: ``spikevault`` (the model), ``spikevault-pca`` (same pipeline, PCA feat
 matching: the naive baseline), ``spykingcircus2`` and ``tridesclous2`` (SpikeInterface built-ins,
 default parameters), ``mountainsort5`` when installed (``--sorters ... lupin`` adds Lupin;
 ``tridesclous2-mc`` and ``lupin-mc`` run them with their motion correction on). Each sorter runs in
-its own subprocess: wall time and peak memory (``ru_maxrss``) are the whole process's. Scores are SpikeInterface's
+its own subprocess, the recording's files read into the page cache first (the same start for every
+sorter): wall time and peak memory (``ru_maxrss``) are the whole process's. Scores are SpikeInterface's
 ``compare_sorter_to_ground_truth`` (default 0.4 ms window).
 
     PYTHONPATH=. python benchmarks/bench_sort.py --out bench_out            # full (hours on 2 cores)
@@ -157,11 +158,29 @@ def worker(case_dir: Path, sorter: str, out: Path, model: str, n_jobs: int) -> N
     (out / "result.json").write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss_kb / 1024, **extra}))
 
 
+def warm_page_cache(folder: Path, block: int = 1 << 24) -> float:
+    """Read every file under ``folder`` once (the recording), so that each sorter starts with it
+    in the system's page cache; returns the seconds taken.
+
+    Without this, whichever sorter ran first on a case read it from disk, the others from memory:
+    on this machine drift64's 2.3 GB took 3 s longer to cache in a fresh process when cold (and
+    the system drops the cache quickly), so a sorter's wall time depended on its place in the run.
+    """
+    t0 = time.perf_counter()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.read(block):
+                    pass
+    return time.perf_counter() - t0
+
+
 def run_one(case_dir: Path, sorter: str, work: Path, model: str, n_jobs: int, timeout_s: float) -> dict:
-    """Launch the worker subprocess; score its sorting."""
+    """Launch the worker subprocess (the recording in the page cache first); score its sorting."""
     from spikeinterface.comparison import compare_sorter_to_ground_truth
     from spikeinterface.core import load
 
+    warm_page_cache(case_dir / "rec")
     out = work / case_dir.name / sorter
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--_worker", str(case_dir), sorter, str(out), "--model", model,
