@@ -167,8 +167,9 @@ class DriftingWobble(BaseTemplateMatching):
     ``templates`` are the rest-frame templates on the contacts, unwhitened (their ids, sampling
     and window); ``source`` = (dense rest-frame templates, their locations), e.g. from
     :func:`registered_templates`, is what is moved (default: ``templates`` on the contacts);
-    ``whitening`` the matrix that whitens the recording given (the caller whitens the traces and
-    each moved template goes through the same matrix); ``sparsity`` a function of moved dense
+    ``whitening`` the matrix wobble whitens with (each moved template goes through it, and the
+    objective is the whitened traces', the recording given staying as it is: ``FftWobbleMatch``'s
+    ``whitening``); ``sparsity`` a function of moved dense
     templates giving their channel masks; ``motion`` a rigid SpikeInterface ``Motion``;
     ``parameters`` wobble's. A unit whose moved template's whitened squared norm is below
     ``min_norm_sq`` (wobble's threshold), or below ``OUT_OF_REACH_FRACTION`` of its rest norm and
@@ -181,7 +182,7 @@ class DriftingWobble(BaseTemplateMatching):
         from spikeinterface.core import Templates
         from spikeinterface.core.sparsity import ChannelSparsity
 
-        from .fast_wobble import FftWobbleMatch, whitened_refit
+        from .fast_wobble import FftWobbleMatch
 
         BaseTemplateMatching.__init__(self, recording, templates, return_output=return_output)
         if motion is None:
@@ -201,7 +202,6 @@ class DriftingWobble(BaseTemplateMatching):
         floor = np.maximum(min_norm_sq, np.minimum(OUT_OF_REACH_FRACTION * rest_norm_sq,
                                                    OUT_OF_REACH_THRESHOLDS * min_norm_sq))
         self.engines, self.kept = [], []
-        unwhiten = np.linalg.pinv(matrix).astype(np.float32)
         sets = []  # each displacement's whitened templates and refit, its wobble precomputation made below
         for d in self.grid:
             moved = moved_templates(dense, source_locations, locations, float(d), dim=motion.dim)
@@ -218,13 +218,13 @@ class DriftingWobble(BaseTemplateMatching):
                               nbefore=templates.nbefore, is_in_uV=True, sparsity_mask=None,
                               channel_ids=templates.channel_ids, unit_ids=ids, probe=templates.probe)
             sets.append((white.to_sparse(ChannelSparsity(mask[keep], ids, templates.channel_ids)),
-                         whitened_refit(moved[keep] * mask[keep][:, None, :], unwhiten)))
+                         moved[keep] * mask[keep][:, None, :]))
             self.engines.append(len(sets) - 1)
 
         def precompute(white_and_refit):
             white, refit = white_and_refit
             return FftWobbleMatch(recording, white, return_output=return_output, parameters=dict(parameters or {}),
-                                  refit=refit)
+                                  refit=refit, whitening=None if whitening is None else matrix)
 
         # wobble's precomputations (FFT convolutions, SVDs: numpy and SciPy release the GIL) in
         # n_threads threads: drift64's 22 took 1.6-1.8 s in the main process, 1.0-1.1 s in two

@@ -18,9 +18,9 @@
     cluster             embedding + position, per probe region, in forked worker processes
     curate              split / merge until unimodal and distinct (tests in n_jobs threads),
                         reject noise clusters
-    match               SpikeInterface template matching (wobble, whitened: the local whitening by
-                        blocks, spikevault.filters.local_whitening; its objective by FFT and its
-                        subtraction by numba, inference.fast_wobble) recovers missed spikes; a
+    match               SpikeInterface template matching (wobble, whitened: the local whitening
+                        folded into its objective, computed by FFT, and its subtraction by numba,
+                        inference.fast_wobble) recovers missed spikes; a
                         template carrying the median reference's copy of its spike keeps every
                         channel (_template_mask); with rigid drift the templates follow the motion
                         over the recorded traces (inference.drift_matching), estimated in the rest
@@ -1140,29 +1140,30 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     Wobble runs as :class:`inference.fast_wobble.FftWobbleMatch`: the same algorithm and output,
     its objective computed by one FFT per chunk (the objective was most of wobble's time).
 
-    Wobble's objective assumes white noise: the traces are whitened (SpikeInterface's local
-    whitening, ``WHITEN_RADIUS_UM``, lazily: wobble reads each chunk once; the same matrix with fewer
-    copies and its product skipping the matrix's zeros, :func:`spikevault.filters.local_whitening`)
-    and the templates go through the same linear map. Its threshold (``WOBBLE_THRESHOLD``) is on
+    Wobble's objective assumes white noise: it is computed on whitened traces (SpikeInterface's
+    local whitening matrix, ``WHITEN_RADIUS_UM``: :func:`spikevault.filters.local_whitening_matrix`)
+    with the templates through the same linear map. The matrix is folded into the objective's
+    spatial components (``FftWobbleMatch(whitening=...)``): the traces are not whitened chunk by
+    chunk (43 ms per 1 s chunk of 384 channels, 4 ms of 64). Its threshold (``WOBBLE_THRESHOLD``) is on
     the fitted spike's squared norm in noise units (25: a spike 5 noise SDs tall along its
     template); its refractory period is the sort's (at most a template's length). Wobble reports
     each spike's peak voltage, not its fitted amplitude: the amplitudes (scaling of the template,
     1 = the template), as the steps after matching expect, are fitted in the same pass, chunk by
-    chunk, jointly for overlapping spikes, on the unwhitened traces' template channels
+    chunk, jointly for overlapping spikes, on the traces' template channels
     (:func:`inference.fast_wobble.refit_amplitudes`; SpikeInterface's ``amplitude_scalings`` with
     collisions did the same in a pass of its own, about 1 s of static32 and np384).
 
-    With ``drift``, wobble runs on the recorded traces, whitened, and each 1 s chunk with the
-    templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`,
-    which refits the amplitudes itself, jointly, on the unwhitened traces with the moved templates).
+    With ``drift``, wobble runs on the recorded traces (whitened the same way), each 1 s chunk with
+    the templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`),
+    the amplitudes refitted on the moved templates.
     """
     from spikeinterface.core import Templates
     from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.core.sparsity import ChannelSparsity
 
-    from spikevault.filters import local_whitening
+    from spikevault.filters import local_whitening_matrix
 
-    from .fast_wobble import FftWobbleMatch, whitened_refit
+    from .fast_wobble import FftWobbleMatch
 
     # wobble masks its objective over the refractory window: beyond a template's length it indexes
     # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
@@ -1171,8 +1172,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     if drift is not None:
         return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels)
-    white = local_whitening(rec, WHITEN_RADIUS_UM, seed=0)
-    matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
+    matrix = local_whitening_matrix(rec, WHITEN_RADIUS_UM, seed=0).astype(np.float32)
     mask = (templates.sparsity.mask if templates.sparsity is not None
             else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
     white_templates = Templates(
@@ -1180,11 +1180,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    dense = templates.get_dense_templates() * mask[:, None, :]
-    node = FftWobbleMatch(white, white_templates, parameters=params,
-                          refit=whitened_refit(dense, np.linalg.pinv(matrix)))
+    node = FftWobbleMatch(rec, white_templates, parameters=params, whitening=matrix,
+                          refit=templates.get_dense_templates() * mask[:, None, :])
     try:
-        spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
+        spikes = run_node_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
                                    names=["spikes"])
     finally:
         node.clean()
@@ -1193,26 +1192,25 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
 
 
 def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels) -> np.ndarray:
-    """Wobble with the templates following the motion over the recorded traces (whitened)."""
+    """Wobble with the templates following the motion over the recorded traces (whitened in its objective)."""
     from spikeinterface.core.node_pipeline import run_node_pipeline
 
-    from spikevault.filters import local_whitening
+    from spikevault.filters import local_whitening_matrix
 
     from .drift_matching import DriftingWobble
 
-    white = local_whitening(drift.recording, WHITEN_RADIUS_UM, seed=0)
-    matrix = np.asarray(white._kwargs["W"], dtype=np.float32)
+    matrix = local_whitening_matrix(drift.recording, WHITEN_RADIUS_UM, seed=0).astype(np.float32)
     locations = drift.recording.get_channel_locations()[:, :2]
     noise = (_noise_levels(drift.recording, job_kwargs) if noise_levels is None else np.asarray(noise_levels))
 
     def sparsity(dense):
         return _template_mask(dense, locations, noise, drift.radius_um)
 
-    node = DriftingWobble(white, templates, motion=drift.motion, whitening=matrix, sparsity=sparsity,
+    node = DriftingWobble(drift.recording, templates, motion=drift.motion, whitening=matrix, sparsity=sparsity,
                           step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
                           min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
-        spikes = run_node_pipeline(white, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
+        spikes = run_node_pipeline(drift.recording, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
                                    squeeze_output=True, names=["spikes"])
     finally:
         node.clean()

@@ -35,11 +35,10 @@ float64 gains (the sort's case) goes through a numba kernel doing the same opera
 element: 0.3 ms (numpy's mixed-type product converts in buffered blocks). The sort reads its
 int16 cache of the preprocessed traces back through it on every pass.
 
-Local whitening, by blocks (:class:`BlockWhitenRecording`). SpikeInterface's local whitening
-matrix weights each channel by its neighbours within a radius, zero elsewhere, and every chunk is
-multiplied by the dense matrix. The product by blocks of output channels, each over the span of
-input channels its weights cover, does 8 times fewer operations on a 384-channel probe; the same
-values as the dense product on the benchmarks (the same nonzero terms).
+Local whitening matrix (:func:`local_whitening_matrix`): SpikeInterface's, computed without
+holding its data. The sort folds it into wobble's objective (:mod:`inference.fast_wobble`) rather
+than whitening the traces. :func:`whitening_blocks` splits a banded matrix into the blocks that
+carry its nonzero terms (the motion correction's kriging product uses it).
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ from spikeinterface.preprocessing.basepreprocessor import BasePreprocessor, Base
 from spikeinterface.preprocessing.common_reference import CommonReferenceRecording
 from spikeinterface.preprocessing.filter import BandpassFilterRecording, FilterRecordingSegment
 from spikeinterface.preprocessing.normalize_scale import ScaleRecording, ScaleRecordingSegment
-from spikeinterface.preprocessing.whiten import WhitenRecording, WhitenRecordingSegment
 
 
 class Float32BandpassRecording(BandpassFilterRecording):
@@ -269,31 +267,6 @@ class OnePassScaleRecording(ScaleRecording):
             self.segments[i] = fast
 
 
-class _BlockWhitenSegment(WhitenRecordingSegment):
-    """``(traces - M) @ W`` by blocks of output channels, each over the input rows where its
-    columns of ``W`` are nonzero."""
-
-    def __init__(self, parent_recording_segment, W, M, dtype, int_scale, blocks):
-        super().__init__(parent_recording_segment, W, M, dtype, int_scale)
-        self.blocks = blocks
-
-    def get_traces(self, start_frame, end_frame, channel_indices):
-        traces = self.parent_recording_segment.get_traces(start_frame, end_frame, slice(None))
-        if traces.dtype.kind == "u":
-            traces = traces.astype("float32")
-        if self.M is not None:
-            traces = traces - self.M
-        white = np.empty((traces.shape[0], self.W.shape[1]), dtype=np.result_type(traces, self.W))
-        for columns, rows, block in self.blocks:
-            white[:, columns] = traces[:, rows] @ block
-        white = white[:, channel_indices]
-        if self.int_scale is not None:
-            white *= self.int_scale
-        if np.issubdtype(self.dtype, np.integer):
-            np.round(white, out=white)
-        return white.astype(self.dtype)
-
-
 def whitening_blocks(W: np.ndarray, size: int = 32) -> list | None:
     """``W``'s columns in blocks of ``size``, each with the span of rows where it is nonzero and
     that block of ``W``; None when the blocks together are more than ``SPARSE_FRACTION`` of the
@@ -308,8 +281,9 @@ def whitening_blocks(W: np.ndarray, size: int = 32) -> list | None:
     return blocks if cost <= SPARSE_FRACTION * W.size else None
 
 
-#: A product restricted to where the operand is nonzero (the whitening by blocks, wobble's spatial
-#: filtering by unit) replaces the dense one when it costs at most this fraction of its operations.
+#: A product restricted to where the operand is nonzero (the kriging kernels by blocks, wobble's
+#: spatial filtering by unit) replaces the dense one when it costs at most this fraction of its
+#: operations.
 SPARSE_FRACTION = 0.5
 
 
@@ -357,30 +331,6 @@ def local_whitening_matrix(recording, radius_um: float, seed: int = 0) -> np.nda
         (inds,) = np.nonzero(distances[c, :] <= radius_um)
         W[inds, c] = compute_whitening_from_covariance(cov[inds, :][:, inds], eps)[c == inds]
     return W
-
-
-class BlockWhitenRecording(WhitenRecording):
-    """SpikeInterface's ``WhitenRecording`` (same matrix, same arguments) whose product skips the
-    matrix's zeros.
-
-    Local whitening (``mode="local"``) gives each channel weights only on the channels within
-    ``radius_um``: on a 384-channel Neuropixels probe at 100 um, 18 of 384. SpikeInterface
-    multiplies every chunk by the dense 384 x 384 matrix anyway. Here the output channels go in
-    blocks of 32, each a product over the span of input channels its weights cover: 8 times fewer
-    operations there. The values are the dense product's to float32 rounding (the same terms
-    summed, without the zero ones). A matrix whose blocks would cover more than half of it keeps
-    the dense product.
-    """
-
-    def __init__(self, recording, **kwargs):
-        super().__init__(recording, **kwargs)
-        for i, segment in enumerate(self.segments):
-            blocks = whitening_blocks(np.asarray(segment.W))
-            if blocks is not None:
-                fast = _BlockWhitenSegment(segment.parent_recording_segment, segment.W, segment.M, segment.dtype,
-                                           segment.int_scale, blocks)
-                fast.set_parent_extractor(self)
-                self.segments[i] = fast
 
 
 def _quantise_py(x, shift, lo, hi, gain, out):
@@ -440,14 +390,6 @@ class QuantiseRecording(BasePreprocessor):
             median_of = segment.parent_recording_segment if fused else None
             self.add_recording_segment(_QuantiseSegment(segment, median_of, float(step), float(limit)))
         self._kwargs = dict(recording=recording, step=float(step), limit=float(limit))
-
-
-def local_whitening(recording, radius_um: float, seed: int = 0) -> BlockWhitenRecording:
-    """``whiten(recording, dtype="float32", mode="local", radius_um=radius_um, seed=seed)``: the same
-    matrix (:func:`local_whitening_matrix`) and values to float32 rounding, computed and applied
-    faster."""
-    W = local_whitening_matrix(recording, radius_um, seed=seed)
-    return BlockWhitenRecording(recording, dtype="float32", mode="local", radius_um=radius_um, W=W)
 
 
 def mad_noise_levels(recording, num_chunks_per_segment: int = 20, chunk_size: int = 10_000, seed: int = 0,

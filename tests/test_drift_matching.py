@@ -105,7 +105,6 @@ def test_drifting_wobble_finds_the_drifting_spikes():
     all along the drift."""
     from spikeinterface.core import Templates
     from spikeinterface.core.node_pipeline import run_node_pipeline
-    from spikeinterface.preprocessing import scale
 
     from inference.drift_matching import DriftingWobble
 
@@ -117,13 +116,12 @@ def test_drifting_wobble_finds_the_drifting_spikes():
     def sparsity(moved):
         return np.ptp(moved, axis=1) > 0.05 * np.ptp(moved, axis=1).max(axis=1, keepdims=True)
 
-    # the noise is white (4 uV): whitening is a scaling
-    white = scale(rec, gain=0.25, dtype="float32")
-    node = DriftingWobble(white, templates, motion=motion, whitening=np.eye(64, dtype=np.float32) / 4.0, sparsity=sparsity, step_um=2.0,
-                          parameters={"threshold": 25.0, "refractory_period_frames": 45}, source=(dense, ext),
-                          min_norm_sq=25.0)
+    # the noise is white (4 uV): whitening is a scaling, which wobble's objective applies
+    node = DriftingWobble(rec, templates, motion=motion, whitening=np.eye(64, dtype=np.float32) / 4.0,
+                          sparsity=sparsity, step_um=2.0, parameters={"threshold": 25.0, "refractory_period_frames": 45},
+                          source=(dense, ext), min_norm_sq=25.0)
     try:
-        spikes = run_node_pipeline(white, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="test",
+        spikes = run_node_pipeline(rec, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="test",
                                    squeeze_output=True, names=["spikes"])
     finally:
         node.clean()
@@ -181,25 +179,3 @@ def test_drift_step_follows_the_memory_of_the_precomputations():
     coarse = drift_step_um(motion(40.0), templates(250))
     assert DRIFT_STEP_UM < coarse <= DRIFT_MAX_STEP_UM
     assert drift_step_um(motion(100.0), templates(250)) is None
-
-
-def test_refit_amplitudes_on_transformed_traces_projects_on_transformed_templates():
-    """Traces given as ``x @ M`` (whitened) with projections ``templates @ inv(M).T`` fit the
-    scalings of ``x`` itself; windows running past the traces' ends count as zeros there (as
-    before: those spikes' fits are only compared between the two)."""
-    from inference.fast_wobble import refit_amplitudes
-
-    rng = np.random.default_rng(1)
-    templates = rng.normal(size=(2, 40, 4)).astype(np.float32) * np.hanning(40)[None, :, None].astype(np.float32)
-    traces = rng.normal(0, 0.01, size=(200, 4)).astype(np.float32)
-    starts = np.array([-10, 50, 60, 180])
-    units = np.array([1, 0, 1, 0])
-    for start, unit, scale in zip(starts, units, (0.9, 0.7, 1.3, 1.1)):
-        lo, hi = max(start, 0), min(start + 40, 200)
-        traces[lo:hi] += scale * templates[unit, lo - start: hi - start]
-    want = refit_amplitudes(traces, starts, units, templates)
-    assert np.allclose(want[1:3], [0.7, 1.3], atol=0.03)
-    whitening = (np.eye(4) + 0.2 * rng.normal(size=(4, 4))).astype(np.float32)
-    projections = (templates @ np.linalg.inv(whitening).T).astype(np.float32)
-    got = refit_amplitudes(traces @ whitening, starts, units, templates, projections=projections)
-    assert np.allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -159,15 +159,16 @@ def test_objective_equals_wobbles_by_channel_and_by_row(num_units):
 
 
 def test_refit_amplitudes_agree_with_spikeinterfaces_amplitude_scalings(recording_and_templates):
-    """Wobble with ``refit`` on whitened traces reports each spike's scaling of its (unwhitened)
-    template, as SpikeInterface's ``amplitude_scalings`` with collisions fits it in a pass of its own."""
+    """Wobble with ``refit`` (and the whitening folded into its objective) reports each spike's
+    scaling of its template, as SpikeInterface's ``amplitude_scalings`` with collisions fits it in
+    a pass of its own."""
     from spikeinterface.core import NumpySorting, Templates
     from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.core.sparsity import ChannelSparsity
     from spikeinterface.preprocessing import whiten
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
 
-    from inference.fast_wobble import FftWobbleMatch, whitened_refit
+    from inference.fast_wobble import FftWobbleMatch
 
     rec, templates = recording_and_templates
     white = whiten(rec, mode="local", radius_um=100.0, dtype="float32", seed=0)
@@ -179,10 +180,10 @@ def test_refit_amplitudes_agree_with_spikeinterfaces_amplitude_scalings(recordin
                                 is_in_uV=True, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids,
                                 probe=templates.probe).to_sparse(ChannelSparsity(mask, templates.unit_ids,
                                                                                  templates.channel_ids))
-    node = FftWobbleMatch(white, white_templates, parameters={"threshold": 25.0},
-                          refit=whitened_refit(dense * mask[:, None, :], np.linalg.pinv(matrix)))
+    node = FftWobbleMatch(rec, white_templates, parameters={"threshold": 25.0}, whitening=matrix,
+                          refit=dense * mask[:, None, :])
     try:
-        spikes = run_node_pipeline(white, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="wobble",
+        spikes = run_node_pipeline(rec, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="wobble",
                                    squeeze_output=True, names=["spikes"])
     finally:
         node.clean()
@@ -198,3 +199,46 @@ def test_refit_amplitudes_agree_with_spikeinterfaces_amplitude_scalings(recordin
     want = want[np.lexsort((ordered["unit_index"], ordered["sample_index"]))]
     diff = np.abs(spikes["amplitude"] - want)  # here: median 0.002, 90th percentile 0.006, max 0.013
     assert np.median(diff) < 0.005 and np.percentile(diff, 90) < 0.02 and diff.max() < 0.05
+
+
+@pytest.mark.parametrize("by_span", [False, True])
+def test_whitening_folded_into_the_objective_equals_whitening_the_traces(recording_and_templates, by_span,
+                                                                         monkeypatch):
+    """``whitening=W`` on the recorded traces gives the objective of the whitened traces (and the
+    same spikes), over the dense product and over each unit's channel span, widened by W's reach."""
+    from spikeinterface.core import Templates
+    from spikeinterface.core.sparsity import ChannelSparsity
+
+    from inference import fast_wobble
+    from inference.fast_wobble import FftWobbleMatch
+    from spikevault.filters import local_whitening_matrix
+
+    if by_span:
+        monkeypatch.setattr(fast_wobble, "SPARSE_FRACTION", 1.0)
+    rec, templates = recording_and_templates
+    matrix = local_whitening_matrix(rec, 50.0, seed=0).astype(np.float32)
+    assert 0 < np.count_nonzero(matrix) < matrix.size  # local: a band
+    white_templates = Templates(templates_array=(templates.get_dense_templates() @ matrix).astype(np.float32),
+                                sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore,
+                                is_in_uV=True, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids,
+                                probe=templates.probe).to_sparse(ChannelSparsity(templates.sparsity.mask,
+                                                                                 templates.unit_ids,
+                                                                                 templates.channel_ids))
+    params = {"threshold": 25.0}
+    folded = FftWobbleMatch(rec, white_templates, parameters=dict(params), whitening=matrix)
+    plain = FftWobbleMatch(rec, white_templates, parameters=dict(params))
+    try:
+        assert (folded._channel_spans() is not None) == by_span
+        if by_span:  # the spans reach the channels that whiten into the visible ones
+            assert all(f[0] <= p[0] and f[1] >= p[1] for f, p in zip(folded._channel_spans(), plain._channel_spans()))
+        traces = rec.get_traces(start_frame=0, end_frame=20_000).astype(np.float32)
+        want = plain.objective(traces @ matrix)
+        got = folded.objective(traces)
+        assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want))
+        a = folded.compute_matching(traces, 300, 19_700, 0)
+        b = plain.compute_matching(traces @ matrix, 300, 19_700, 0)
+        assert len(a) > 10 and np.array_equal(a["sample_index"], b["sample_index"])
+        assert np.array_equal(a["cluster_index"], b["cluster_index"])
+    finally:
+        folded.clean()
+        plain.clean()
