@@ -43,7 +43,7 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,8 +305,8 @@ def sort(
         # from job_kwargs' n_jobs (processes) and the encoder's torch threads.
         # scikit-learn's OpenMP and torch load later, while the traces are cached: late_limits
         # limits them then (see _run) and lifts the limits with the others
-        with threadpool_limits(limits=1), ExitStack() as late_limits, _collector_spares_loaded_objects() as loading:
-            result = _run(recording, model, p, out, job_kwargs, timings, recording_id, late_limits, loading)
+        with threadpool_limits(limits=1), ExitStack() as late_limits, _collector_spares_loaded_objects() as spare:
+            result = _run(recording, model, p, out, job_kwargs, timings, recording_id, late_limits, spare)
         sorting, info = result["sorting"], result["info"]
         if out is not None:
             t = time.perf_counter()
@@ -336,7 +336,7 @@ def sort(
 
 
 def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id, late_limits: ExitStack,
-         loading=nullcontext) -> dict:
+         spare_loaded=lambda: None) -> dict:
     from spikevault.extract import check_recording, extract_events, load_recording, preprocess
 
     tick = _Ticker(timings)
@@ -372,13 +372,14 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         traces (or before, when nothing is cached)."""
         from threadpoolctl import threadpool_limits
 
-        with loading():
+        with _collections_paused():
             import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
 
             loaded["net"] = load_network()
         late_limits.enter_context(threadpool_limits(limits=1))
 
     rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+    spare_loaded()  # the libraries just loaded, out of the full collections' reach
     net = loaded["net"]
     tick("preprocess_s")
     extract_kw = dict(schema=schema, params=eparams, recording_id=name, preprocessed=True, job_kwargs=job_kwargs)
@@ -1807,9 +1808,8 @@ def _skip_collection_at_exit() -> None:
 
 @contextmanager
 def _collector_spares_loaded_objects():
-    """Keep the garbage collector's full collections off the objects alive at entry and off those
-    the libraries create as they load, until the sort ends. Yields a context manager to load the
-    libraries in: no collections while it runs, and what it made spared after.
+    """Keep the garbage collector's full collections off the objects alive at entry, and off those
+    alive when the yielded function is called (after the libraries load), until the sort ends.
 
     With torch, scipy, scikit-learn and SpikeInterface loaded, every full collection walks
     hundreds of thousands of objects, none of them garbage: on drift64, 8 of them (5 while torch
@@ -1817,33 +1817,36 @@ def _collector_spares_loaded_objects():
     ``gc.freeze()`` moves them out of the collector's reach before the workers fork (which also
     spares the forked workers' collections, and the copy-on-write their headers' updates would
     cause, as Python's ``gc`` documentation recommends); ``gc.unfreeze()`` gives them back at the
-    end, so garbage cycles among them are collected as usual afterwards. Objects freed by their
-    reference counts are freed as before. Nothing is frozen when something else has frozen
-    objects already.
+    end. Objects freed by their reference counts are freed as before. The second freeze waits for
+    the cache pass to end: frozen in the middle of it (from its gather function), its executor's
+    reference cycles kept the cached traces' shared memory alive after the sort. Nothing is
+    frozen when something else has frozen objects already.
     """
     import gc
 
     owner = gc.get_freeze_count() == 0
-
-    @contextmanager
-    def loading():
-        enabled = gc.isenabled()
-        gc.disable()  # imports make few reference cycles, and many objects that stay
-        try:
-            yield
-        finally:
-            if owner:
-                gc.freeze()
-            if enabled:
-                gc.enable()
-
     if owner:
         gc.freeze()
     try:
-        yield loading
+        yield gc.freeze if owner else (lambda: None)
     finally:
         if owner:
             gc.unfreeze()
+
+
+@contextmanager
+def _collections_paused():
+    """No automatic garbage collection inside (imports make few reference cycles, many objects
+    that stay)."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Ticker:

@@ -4,6 +4,7 @@ scored against their ground truth; every clusterer; the output folder; bad input
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,24 @@ def test_sort_python_pca_writes_the_output_folder(easy, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         sort(rec, model=None, features="pca", out=out, job_kwargs=JOB)
 
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory listed in /dev/shm (Linux)")
+def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy):
+    """The traces cached in shared memory are gone when sort returns (not left to a later
+    collection, nor to the resource tracker's cleanup and warning at exit), and the objects
+    frozen out of the collector's reach during the sort are given back."""
+    import gc
+    import os
+
+    from inference import sort
+
+    rec, _ = easy
+    before = set(os.listdir("/dev/shm"))
+    frozen = gc.get_freeze_count()
+    sort(rec, report=False, job_kwargs={"n_jobs": 2})
+    assert set(os.listdir("/dev/shm")) - before == set()
+    assert gc.get_freeze_count() == frozen == 0 and gc.isenabled()
 
 def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     from inference.sort import sort
