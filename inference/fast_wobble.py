@@ -109,7 +109,9 @@ class FftWobbleMatch(WobbleMatch):
             # full chunk; [rank, units, n/2 + 1] complex64, 18 MB for 30 units at 1 s chunks),
             # unit-major when the spatial filtering makes them so
             spectra = sfft.rfft((temporal * singular).astype(np.float32), n, axis=2)
-            self._spectra = ((n, by_channel), np.ascontiguousarray(spectra.transpose(1, 0, 2)) if by_channel else spectra)
+            if by_channel:
+                spectra = np.ascontiguousarray(spectra.transpose(1, 0, 2))
+            self._spectra = ((n, by_channel), spectra)
         spans = self._channel_spans()
         if by_channel:
             spectrum = self._filtered_spectra(traces, n, spans)  # [units, rank, n/2 + 1]
@@ -303,7 +305,8 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
 def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Least-squares amplitude scalings of templates placed at ``starts`` in ``traces``, fitted
     jointly so that overlapping spikes share the signal (SpikeInterface's ``amplitude_scalings``
-    with collisions, on the templates as they look at the chunk's displacement).
+    with collisions; with drifting templates, on the templates as they look at the chunk's
+    displacement).
 
     ``templates`` [units, samples, channels] are zero off each unit's channels; ``starts`` sorted
     (windows may run past the traces' ends, which count as zeros).

@@ -1211,8 +1211,8 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
                           step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
                           min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
-        spikes = run_node_pipeline(drift.recording, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
-                                   squeeze_output=True, names=["spikes"])
+        spikes = run_node_pipeline(drift.recording, [node], job_kwargs, squeeze_output=True, names=["spikes"],
+                                   job_name="find spikes (wobble, drifting templates)")
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]

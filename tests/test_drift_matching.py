@@ -118,8 +118,8 @@ def test_drifting_wobble_finds_the_drifting_spikes():
 
     # the noise is white (4 uV): whitening is a scaling, which wobble's objective applies
     node = DriftingWobble(rec, templates, motion=motion, whitening=np.eye(64, dtype=np.float32) / 4.0,
-                          sparsity=sparsity, step_um=2.0, parameters={"threshold": 25.0, "refractory_period_frames": 45},
-                          source=(dense, ext), min_norm_sq=25.0)
+                          sparsity=sparsity, step_um=2.0, source=(dense, ext), min_norm_sq=25.0,
+                          parameters={"threshold": 25.0, "refractory_period_frames": 45})
     try:
         spikes = run_node_pipeline(rec, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="test",
                                    squeeze_output=True, names=["spikes"])

@@ -189,7 +189,8 @@ def test_refit_amplitudes_agree_with_spikeinterfaces_amplitude_scalings(recordin
         node.clean()
     spikes = spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"]))]
     assert len(spikes) > 50
-    vector = np.zeros(len(spikes), dtype=[("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")])
+    fields = [("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")]
+    vector = np.zeros(len(spikes), dtype=fields)
     vector["sample_index"], vector["unit_index"] = spikes["sample_index"], spikes["cluster_index"]
     sorting = NumpySorting(vector, rec.sampling_frequency, templates.unit_ids)
     analyzer = create_sorting_analyzer_with_existing_templates(sorting, rec, templates)
