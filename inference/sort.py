@@ -308,24 +308,27 @@ def sort(
         with threadpool_limits(limits=1), ExitStack() as late_limits, _collector_spares_loaded_objects() as spare:
             result = _run(recording, model, p, out, job_kwargs, timings, recording_id, late_limits, spare)
         sorting, info = result["sorting"], result["info"]
-        if out is not None:
-            t = time.perf_counter()
-            with warnings.catch_warnings():
-                # an in-memory sorting has no provenance to save; the folder is still complete
-                warnings.filterwarnings("ignore", message="The extractor is not serializable")
-                sorting = sorting.save(folder=out / "sorting")
-                if result["multi_unit"] is not None and len(result["multi_unit"].unit_ids):
-                    result["multi_unit"].save(folder=out / "multi_unit")
-            _save_events(out, result)
-            if report:
-                from .report import make_report
+        try:
+            if out is not None:
+                t = time.perf_counter()
+                with warnings.catch_warnings():
+                    # an in-memory sorting has no provenance to save; the folder is still complete
+                    warnings.filterwarnings("ignore", message="The extractor is not serializable")
+                    sorting = sorting.save(folder=out / "sorting")
+                    if result["multi_unit"] is not None and len(result["multi_unit"].unit_ids):
+                        result["multi_unit"].save(folder=out / "multi_unit")
+                _save_events(out, result)
+                if report:
+                    from .report import make_report
 
-                make_report(out, sorting=sorting, recording=result["recording"], events=result["events"],
-                            features=result["X"], labels=result["labels"], positions=result["positions"],
-                            templates=result["templates"], info=info)
-            if export_phy:
-                _export_phy(out, sorting, result["recording"], job_kwargs)
-            timings["save_s"] = time.perf_counter() - t
+                    make_report(out, sorting=sorting, recording=result["recording"], events=result["events"],
+                                features=result["X"], labels=result["labels"], positions=result["positions"],
+                                templates=result["templates"], info=info)
+                if export_phy:
+                    _export_phy(out, sorting, result["recording"], job_kwargs)
+                timings["save_s"] = time.perf_counter() - t
+        finally:
+            _release_shared_memory(result["cache"])
         timings["total_s"] = time.perf_counter() - t_start
         info["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         logger.info("sorted %s: %d units in %.1f s", info["recording"]["name"], len(sorting.unit_ids),
@@ -379,6 +382,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         late_limits.enter_context(threadpool_limits(limits=1))
 
     rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+    shared = rec._kwargs.get("recording")  # the cache's SharedMemoryRecording, when the traces were cached
     spare_loaded()  # the libraries just loaded, out of the full collections' reach
     net = loaded["net"]
     tick("preprocess_s")
@@ -505,7 +509,7 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     info["num_units"] = int(len(sorting.unit_ids))
     return {"sorting": sorting, "info": info, "recording": rec, "events": events, "X": X, "labels": labels,
             "reason": reason, "positions": positions, "templates": templates, "region": region,
-            "multi_unit": multi_unit}
+            "multi_unit": multi_unit, "cache": shared}
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -1804,6 +1808,26 @@ def _skip_collection_at_exit() -> None:
 
         atexit.register(gc.freeze)
         _exit_registered = True
+
+
+def _release_shared_memory(recording) -> None:
+    """Unlink the shared memory of the sort's cache (a ``SharedMemoryRecording`` that owns it, else
+    nothing) now, rather than when the collector gets to it.
+
+    A cache left for the collector can be collected in a worker process forked later (which
+    inherits it as garbage): the worker unlinks the block, and the owner's own unlink then fails
+    with "Exception ignored in SharedMemoryRecording.__del__". Its memory is returned when the
+    recording is freed, as before."""
+    from spikeinterface.core import SharedMemoryRecording
+
+    if not isinstance(recording, SharedMemoryRecording) or not recording.main_shm_owner:
+        return
+    for block in recording.shms:
+        try:
+            block.unlink()
+        except FileNotFoundError:
+            pass
+    recording.main_shm_owner = False
 
 
 @contextmanager

@@ -76,12 +76,17 @@ def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy)
 
     from inference import sort
 
+    def owners():
+        return {id(r) for r in gc.get_objects() if type(r).__name__ == "SharedMemoryRecording" and r.main_shm_owner}
+
     rec, _ = easy
-    before = set(os.listdir("/dev/shm"))
+    before, owned = set(os.listdir("/dev/shm")), owners()
     frozen = gc.get_freeze_count()
     sort(rec, report=False, job_kwargs={"n_jobs": 2})
     assert set(os.listdir("/dev/shm")) - before == set()
     assert gc.get_freeze_count() == frozen == 0 and gc.isenabled()
+    # unlinked by the sort itself, before any collection: no recording of its own still owns a block
+    assert owners() - owned == set()
 
 def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     from inference.sort import sort
