@@ -158,21 +158,19 @@ def worker(case_dir: Path, sorter: str, out: Path, model: str, n_jobs: int) -> N
     (out / "result.json").write_text(json.dumps({"wall_s": wall, "peak_rss_mb": rss_kb / 1024, **extra}))
 
 
-def warm_page_cache(folder: Path, block: int = 1 << 24) -> float:
+def warm_page_cache(folder: Path, block: int = 1 << 24) -> None:
     """Read every file under ``folder`` once (the recording), so that each sorter starts with it
-    in the system's page cache; returns the seconds taken.
+    in the system's page cache.
 
     Without this, whichever sorter ran first on a case read it from disk, the others from memory:
     on this machine drift64's 2.3 GB took 3 s longer to cache in a fresh process when cold (and
     the system drops the cache quickly), so a sorter's wall time depended on its place in the run.
     """
-    t0 = time.perf_counter()
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb", buffering=0) as f:
                 while f.read(block):
                     pass
-    return time.perf_counter() - t0
 
 
 def run_one(case_dir: Path, sorter: str, work: Path, model: str, n_jobs: int, timeout_s: float) -> dict:
