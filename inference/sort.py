@@ -381,8 +381,10 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             loaded["net"] = load_network()
         late_limits.enter_context(threadpool_limits(limits=1))
 
-    rec = _cache(preprocess(recording, eparams), p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
-    shared = rec._kwargs.get("recording")  # the cache's SharedMemoryRecording, when the traces were cached
+    preprocessed = preprocess(recording, eparams)
+    rec = _cache(preprocessed, p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+    # the cache's own SharedMemoryRecording, when the traces were cached (never one the caller gave)
+    shared = rec._kwargs["recording"] if rec is not preprocessed else None
     spare_loaded()  # the libraries just loaded, out of the full collections' reach
     net = loaded["net"]
     tick("preprocess_s")

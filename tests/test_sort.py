@@ -88,6 +88,25 @@ def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy)
     # unlinked by the sort itself, before any collection: no recording of its own still owns a block
     assert owners() - owned == set()
 
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory listed in /dev/shm (Linux)")
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_sort_leaves_the_callers_shared_memory_recording_alone(cache):
+    """A recording the caller holds in shared memory keeps its block (and owns it) after a sort,
+    whether the sort caches the traces or reads them lazily through it (on a tetrode the
+    preprocessing's last step, the filter, reads the caller's recording directly)."""
+    import os
+
+    from inference import sort
+    from spikevault.synth import generate_recording
+
+    rec, _ = generate_recording(probe="tetrode", duration_s=10.0, num_units=2, seed=5)
+    theirs = rec.save_to_memory(sharedmem=True, n_jobs=1, progress_bar=False)
+    names = [block.name.lstrip("/") for block in theirs.shms]
+    sort(theirs, model=None, features="pca", report=False, cache_preprocessing=cache, job_kwargs=JOB)
+    assert theirs.main_shm_owner and all(name in os.listdir("/dev/shm") for name in names)
+    assert theirs.get_traces(start_frame=0, end_frame=10).shape == (10, rec.get_num_channels())
+
 def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     from inference.sort import sort
 
