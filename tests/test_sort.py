@@ -101,7 +101,7 @@ def test_sort_leaves_the_callers_shared_memory_recording_alone(cache):
     from spikevault.synth import generate_recording
 
     rec, _ = generate_recording(probe="tetrode", duration_s=10.0, num_units=2, seed=5)
-    theirs = rec.save_to_memory(sharedmem=True, n_jobs=1, progress_bar=False)
+    theirs = rec.save(format="memory", sharedmem=True, n_jobs=1, progress_bar=False)
     names = [block.name.lstrip("/") for block in theirs.shms]
     sort(theirs, model=None, features="pca", report=False, cache_preprocessing=cache, job_kwargs=JOB)
     assert theirs.main_shm_owner and all(name in os.listdir("/dev/shm") for name in names)
