@@ -4,6 +4,7 @@ scored against their ground truth; every clusterer; the output folder; bad input
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,11 @@ def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy)
     rec, _ = easy
     before, owned = set(os.listdir("/dev/shm")), owners()
     frozen = gc.get_freeze_count()
+    from spikeinterface.core import get_global_job_kwargs
+
+    job_defaults = get_global_job_kwargs()
     sort(rec, report=False, job_kwargs={"n_jobs": 2})
+    assert get_global_job_kwargs() == job_defaults  # its workers' thread setting is given back too
     assert set(os.listdir("/dev/shm")) - before == set()
     assert gc.get_freeze_count() == frozen == 0 and gc.isenabled()
     # unlinked by the sort itself, before any collection: no recording of its own still owns a block
@@ -106,6 +111,42 @@ def test_sort_leaves_the_callers_shared_memory_recording_alone(cache):
     sort(theirs, model=None, features="pca", report=False, cache_preprocessing=cache, job_kwargs=JOB)
     assert theirs.main_shm_owner and all(name in os.listdir("/dev/shm") for name in names)
     assert theirs.get_traces(start_frame=0, end_frame=10).shape == (10, rec.get_num_channels())
+
+def _thread_counts_init():
+    return {}
+
+
+def _thread_counts(segment_index, start_frame, end_frame, worker):
+    from threadpoolctl import threadpool_info
+
+    return sorted({(info["internal_api"], info["num_threads"]) for info in threadpool_info()})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SpikeInterface forks its workers on Linux only")
+def test_forked_workers_keep_one_thread_without_a_limit_per_chunk(easy):
+    """During a sort, SpikeInterface's workers apply no thread limit of their own around each
+    chunk (threadpoolctl's inspection of every library cost more than some chunks); forked from
+    the sort's single-threaded process, every library in them still runs one thread."""
+    import spikeinterface.core.globals as si_globals
+    from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
+    from threadpoolctl import threadpool_limits
+
+    from inference.sort import _workers_inherit_thread_limits
+
+    rec, _ = easy
+    before, was_set = si_globals.get_global_job_kwargs(), si_globals.is_set_global_job_kwargs_set()
+    with threadpool_limits(limits=1), _workers_inherit_thread_limits({"n_jobs": 2}):
+        jk = fix_job_kwargs({"n_jobs": 2, "chunk_duration": "1s", "progress_bar": False})
+        assert jk["max_threads_per_worker"] is None
+        counts = TimeSeriesChunkExecutor(rec, _thread_counts, _thread_counts_init, (), handle_returns=True,
+                                         job_name="thread counts", **jk).run()
+    assert len(counts) == int(rec.get_num_samples() / rec.get_sampling_frequency())
+    assert all(count == 1 for chunk in counts for _, count in chunk) and counts[0]
+    assert si_globals.get_global_job_kwargs() == before and si_globals.is_set_global_job_kwargs_set() == was_set
+    # spawned workers would start without the sort's limit: they keep SpikeInterface's
+    with _workers_inherit_thread_limits({"n_jobs": 2, "mp_context": "spawn"}):
+        assert fix_job_kwargs({"n_jobs": 2})["max_threads_per_worker"] == before["max_threads_per_worker"]
+
 
 def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     from inference.sort import sort
