@@ -12,11 +12,19 @@ on the 64-channel, 300 s drift benchmark (34,500 peaks).
 peak channel of a chunk instead of one per peak: the same values bit for bit (numpy's
 interpolation, per element, on the same sorted values). Everything else is SpikeInterface's
 ``compute``, unchanged.
+
+The grid's weights (:func:`convolution_weights`) are SpikeInterface's ``get_convolution_weights``,
+the same values bit for bit, computed only where they can be nonzero. SpikeInterface computes
+them for every (depth, contact, grid position): on a Neuropixels probe 5 x 384 x ~25,000 values,
+1.3 s in the main process before the pass starts, nearly all of them underflowing to zero.
 """
+
 
 from __future__ import annotations
 
 import numpy as np
+from spikeinterface.postprocessing import localization_tools
+from spikeinterface.postprocessing.localization_tools import get_convolution_weights as _their_convolution_weights
 from spikeinterface.sortingcomponents.peak_localization.grid import LocalizeGridConvolution
 
 
@@ -32,6 +40,65 @@ def rows_nanpercentile(values: np.ndarray, q: float) -> np.ndarray:
         rows = counts == n
         out[rows] = np.percentile(ordered[rows, :n], q, axis=1)
     return out
+
+
+#: ``exp(-d / sigma)`` rounds to float32 zero beyond this many sigmas (float32's smallest
+#: subnormal is 1.4e-45, ``exp(-103.28)``; half of it, ``exp(-103.97)``, rounds down to zero).
+_FLOAT32_UNDERFLOW_SIGMAS = 104.0
+
+
+def convolution_weights(distances: np.ndarray, z_list_um=np.linspace(0, 120.0, 5), sigma_list_um=np.linspace(5, 25, 5),
+                        sparsity_threshold=None, sigma_3d=2.5, mode="exponential_3d"):
+    """SpikeInterface's ``get_convolution_weights`` (same arguments; returns the weights
+    ``[depths, contacts, positions]`` float32 and the depths), the same values bit for bit.
+
+    For its default ``exponential_3d`` mode the weights ``exp(-sqrt(d^2 + z^2) / sigma_3d)`` of a
+    contact further than ``_FLOAT32_UNDERFLOW_SIGMAS * sigma_3d`` from a grid position are float32
+    zeros: only the nearer pairs are computed, by the same numpy expression; then, per depth and
+    position over its contacts in order, the two normalisations and the pruning below
+    ``sparsity_threshold`` as SpikeInterface does them (float32 norms summed contact after contact,
+    as numpy reduces the contacts' axis). Other modes are SpikeInterface's own."""
+    if mode != "exponential_3d":
+        return _their_convolution_weights(distances, z_list_um=z_list_um, sigma_list_um=sigma_list_um,
+                                       sparsity_threshold=sparsity_threshold, sigma_3d=sigma_3d, mode=mode)
+    from spikevault.filters import _compiled
+
+    if sparsity_threshold is not None:
+        assert 0 <= sparsity_threshold <= 1, "sparsity_threshold should be in [0, 1]"
+    channels, positions = distances.shape
+    if sparsity_threshold is None:
+        sparsity_threshold = 0.5 / np.sqrt(channels)
+    # numpy compares float32 weights with a Python float in float32, with a numpy scalar in float64
+    threshold = np.float64(np.float32(sparsity_threshold) if type(sparsity_threshold) is float else sparsity_threshold)
+    position, channel = np.nonzero(distances.T < _FLOAT32_UNDERFLOW_SIGMAS * sigma_3d)  # by position, then contact
+    near = distances[channel, position]
+    weights = np.empty((len(z_list_um), len(near)), dtype=np.float32)
+    for count, z in enumerate(z_list_um):
+        weights[count] = np.exp(-np.sqrt(near**2 + z**2) / sigma_3d)
+    starts = np.searchsorted(position, np.arange(positions + 1))
+    _compiled(_normalise_py)(weights, starts, threshold)
+    out = np.zeros((len(z_list_um), channels, positions), dtype=np.float32)
+    out[:, channel, position] = weights
+    return out, z_list_um
+
+
+def _normalise_py(weights, starts, threshold):
+    """In place, for each depth and each grid position's run of contacts ``starts[p]:starts[p + 1]``:
+    divide by the float32 norm, zero what is below ``threshold`` (compared in float64), divide by
+    the new norm. A zero norm zeroes the run (numpy's division gives infinities or NaNs there,
+    which SpikeInterface zeroes; a nonzero norm is at least each weight: the quotients are finite)."""
+    zero = np.float32(0.0)
+    for k in range(weights.shape[0]):
+        for p in range(len(starts) - 1):
+            lo, hi = starts[p], starts[p + 1]
+            for step in range(2):
+                total = zero
+                for j in range(lo, hi):
+                    total += weights[k, j] * weights[k, j]
+                norm = np.sqrt(total)
+                for j in range(lo, hi):
+                    v = weights[k, j] / norm if norm > zero else zero
+                    weights[k, j] = zero if step == 0 and np.float64(v) < threshold else v
 
 
 class VectorisedGridConvolution(LocalizeGridConvolution):
@@ -86,19 +153,26 @@ def localize_grid_convolution(recording, peaks: np.ndarray, job_kwargs: dict, se
     """``localize_peaks(recording, peaks, method="grid_convolution", seed=seed)`` with
     :class:`VectorisedGridConvolution`: SpikeInterface builds the pipeline (its prototype
     waveform from a seeded subset of the peaks, the dense waveform extraction, the grid's
-    weights), then its localisation node computes with :class:`VectorisedGridConvolution`."""
+    weights, by :func:`convolution_weights`), then its localisation node computes with
+    :class:`VectorisedGridConvolution`."""
     from spikeinterface.core.job_tools import fix_job_kwargs
     from spikeinterface.core.node_pipeline import PeakRetriever, run_node_pipeline
     from spikeinterface.sortingcomponents.peak_localization.main import get_localization_pipeline_nodes
 
     job_kwargs = fix_job_kwargs(job_kwargs)
-    nodes = get_localization_pipeline_nodes(recording, PeakRetriever(recording, peaks), peaks_or_spikes=peaks,
-                                            method="grid_convolution", method_kwargs={}, job_kwargs=job_kwargs,
-                                            seed=seed)
+    # SpikeInterface's node computes its grid's weights when it is made: with ours, swapped in
+    # for the length of this (single-threaded) call
+    localization_tools.get_convolution_weights = convolution_weights
+    try:
+        nodes = get_localization_pipeline_nodes(recording, PeakRetriever(recording, peaks), peaks_or_spikes=peaks,
+                                                method="grid_convolution", method_kwargs={}, job_kwargs=job_kwargs,
+                                                seed=seed)
+    finally:
+        localization_tools.get_convolution_weights = _their_convolution_weights
     theirs = nodes[-1]
     if type(theirs) is LocalizeGridConvolution:  # else a SpikeInterface that builds it otherwise: keep theirs
-        # the node as SpikeInterface built it (its grid weights took 1.3 s on 384 channels: not
-        # computed twice), with our compute: the subclass adds no state
+        # the node as SpikeInterface built it (its weights not computed twice), with our compute:
+        # the subclass adds no state
         theirs.__class__ = VectorisedGridConvolution
     return run_node_pipeline(recording, nodes, job_kwargs, job_name="localize peaks (grid_convolution)",
                              squeeze_output=True)

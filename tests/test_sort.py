@@ -760,14 +760,17 @@ def test_templates_keep_the_copy_the_median_reference_spreads_over_a_short_probe
 
 
 def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
-    """The motion estimate's grid_convolution localisation, its percentile step vectorised,
-    returns SpikeInterface's positions bit for bit, on a drifting dense probe."""
+    """The motion estimate's grid_convolution localisation, its percentile step vectorised and its
+    weights computed where nonzero, returns SpikeInterface's positions bit for bit, on a drifting
+    dense probe."""
     import warnings
 
     from spikeinterface.sortingcomponents.peak_detection import detect_peaks
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
 
-    from inference.grid_localization import localize_grid_convolution, rows_nanpercentile
+    from spikeinterface.postprocessing import localization_tools
+
+    from inference.grid_localization import _their_convolution_weights, localize_grid_convolution, rows_nanpercentile
     from spikevault.extract import preprocess
     from spikevault.synth import generate_recording
 
@@ -789,3 +792,28 @@ def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
     ours = localize_grid_convolution(prep, peaks, JOB, seed=0)
     for axis in ("x", "y", "z"):
         assert np.array_equal(ours[axis], theirs[axis])
+    # its grid weights were ours (inference.grid_localization.convolution_weights), swapped in
+    # for the call only
+    assert localization_tools.get_convolution_weights is _their_convolution_weights
+
+
+@pytest.mark.parametrize("probe", ["neuropixels", "dense64", "tetrode"])
+def test_grid_convolution_weights_are_spikeinterfaces(probe):
+    """The grid's weights, computed only where they can be nonzero, are SpikeInterface's bit for
+    bit (its default mode, other thresholds and decays, and the other mode, which is
+    SpikeInterface's own)."""
+    from spikeinterface.postprocessing import localization_tools
+    from spikeinterface.postprocessing.localization_tools import get_grid_convolution_templates_and_weights
+
+    from inference.grid_localization import convolution_weights
+    from spikevault.synth import make_probe
+
+    original = localization_tools.get_convolution_weights
+    contacts = make_probe(probe).contact_positions
+    positions, _, _, _ = get_grid_convolution_templates_and_weights(contacts, 40.0, 5.0, 50.0, {})
+    distances = np.linalg.norm(contacts[:, None, :2] - positions[None, :, :2], axis=2)
+    for kwargs in ({}, {"sparsity_threshold": 0.1}, {"sigma_3d": 5.0}, {"mode": "gaussian_2d"}):
+        theirs, their_z = original(distances, **kwargs)
+        ours, our_z = convolution_weights(distances, **kwargs)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), kwargs
+        assert np.array_equal(our_z, their_z)
