@@ -663,11 +663,13 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
 #: 'auto' motion correction: a recording whose cheap screening estimate of the drift stays within
 #: this fraction of ``SortParams.drift_threshold_um`` is taken as static (see :func:`estimate_drift`).
 DRIFT_SCREEN_FRACTION = 0.5
-#: Depth bin of dredge's activity histograms (SpikeInterface's default is 1 um). Its cost is the
-#: cross-correlation of every pair of time bins' histograms over every lag, which shrinks with the
-#: square of the bin: on the drifting Neuropixels benchmark 0.40 s per estimate against 1.24 s,
-#: the displacement within 0.16 um RMS (0.43 um at most) of the 1 um estimate, on 20 um contacts.
-DREDGE_BIN_UM = 2.0
+#: Depth bin of the screening estimate's activity histograms (the full estimate keeps dredge's
+#: 1 um). dredge's cost is the cross-correlation of every pair of time bins' histograms over
+#: every lag, which shrinks with the square of the bin: on the drifting Neuropixels benchmark
+#: 0.40 s against 1.24 s, the displacement within 0.16 um RMS (0.43 um at most) of the 1 um
+#: estimate, on 20 um contacts. The full estimate in 2 um bins too lost 0.006 of drift64's mean
+#: accuracy over its three seeds (0.922 -> 0.916): only the screen, a detector, uses them.
+SCREEN_BIN_UM = 2.0
 #: The motion estimate's grid_convolution localisation reads chunks of this many channel-seconds
 #: (10 s on 64 channels; 1.7 s on 384, where 10 s chunks peaked at 2.7 GB against 1.5 GB static).
 GRID_CHUNK_CHANNEL_SECONDS = 640.0
@@ -682,19 +684,17 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     of its ``dredge_fast`` motion preset (its percentile step vectorised, the same positions:
     :mod:`inference.grid_localization`). It is far less biased towards the contacts than a centre
     of mass, which on a 20 um pitch turns a smooth drift into steps and made the estimate noisy.
-    ``dredge_ap`` then estimates the displacement, in ``DREDGE_BIN_UM`` depth bins: rigid on
-    probes shorter than ``rigid_below_um``
+    ``dredge_ap`` then estimates the displacement: rigid on probes shorter than ``rigid_below_um``
     (a single window; the 400 um non-rigid windows of the preset would sit beyond a short
     probe's ends), non-rigid with 400 um Gaussian windows on longer ones.
 
-    With ``screen_below_um``, a cheap estimate comes first: the same ``dredge_ap`` on the events'
-    centre-of-mass ``positions`` (:func:`localize_events`, computed from the extracted events:
-    no pass over the traces; without ``positions``, SpikeInterface's ``center_of_mass`` pass). The
-    full estimate's ``grid_convolution`` pass is most of the cost (SpikeInterface's, in its 1 s
-    chunks: 6.7 s on the 384-channel benchmark, 6.0 s on drift64, against 0.9 and 1.5 s for its
-    centre-of-mass pass and 0.4-1.8 s for ``dredge_ap``). Its steps make the screen a poor
-    correction but a good detector (benchmark recordings, screen / full estimate: static np384
-    0.0 / 0.0 um; drift64 and its two seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and
+    With ``screen_below_um``, a cheap estimate comes first: the same ``dredge_ap``, in
+    ``SCREEN_BIN_UM`` depth bins, on the events' centre-of-mass ``positions``
+    (:func:`localize_events`, computed from the extracted events: no pass over the traces; without
+    ``positions``, SpikeInterface's ``center_of_mass`` pass). The full estimate's
+    ``grid_convolution`` pass is most of the cost. The centre of mass's steps make the screen a
+    poor correction but a good detector (benchmark recordings, screen / full estimate: static
+    np384 0.0 / 0.0 um; drift64 and its two seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and
     18.8 / 21.0 um): when it stays within ``screen_below_um`` the recording is taken as static
     and the full estimate is skipped.
 
@@ -742,7 +742,8 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
                 chunk_s = min(10.0, max(1.0, GRID_CHUNK_CHANNEL_SECONDS / rec.get_num_channels()))
                 locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": f"{chunk_s:g}s"}, seed=seed)
             motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
-                                     bin_um=DREDGE_BIN_UM, win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
+                                     bin_um=SCREEN_BIN_UM if method == "center_of_mass" else 1.0,
+                                     win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
                                      histogram_time_smooth_s=time_smooth_s, progress_bar=False)
         except Exception as err:  # noqa: BLE001 - a failed estimate must not stop the sort
             if method == "center_of_mass":
@@ -755,6 +756,8 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
             logger.info("no drift found by the screening estimate (%d peaks): max displacement %.1f um", len(peaks),
                         max_disp)
             return None, max_disp
+        if method == "center_of_mass":
+            logger.info("screening drift estimate: max displacement %.1f um; estimating it in full", max_disp)
     logger.info("estimated drift (%s, %d peaks): max displacement %.1f um", "rigid" if rigid else "non-rigid",
                 len(peaks), max_disp)
     return motion, max_disp
