@@ -574,24 +574,34 @@ def embed_events(net, events: dict, batch_size: int = 128, n_threads: int = 1) -
     import torch
 
     n = len(events["waveform"])
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n_threads)))
     net.eval()
     out = []
     t0 = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                wf = torch.from_numpy(events["waveform"][s: s + batch_size].astype(np.float32))
-                off = torch.from_numpy(events["channel_offsets_um"][s: s + batch_size])
-                mask = torch.from_numpy(events["channel_mask"][s: s + batch_size])
-                out.append(net.embed(wf, off, mask).float().numpy())
-    finally:
-        torch.set_num_threads(old_threads)
+    with _torch_threads(n_threads), torch.inference_mode():
+        for s in range(0, n, batch_size):
+            wf = torch.from_numpy(events["waveform"][s: s + batch_size].astype(np.float32))
+            off = torch.from_numpy(events["channel_offsets_um"][s: s + batch_size])
+            mask = torch.from_numpy(events["channel_mask"][s: s + batch_size])
+            out.append(net.embed(wf, off, mask).float().numpy())
     dt = time.perf_counter() - t0
     emb = np.concatenate(out) if out else np.zeros((0, net.config.latent_dim), np.float32)
     logger.info("embedded %d events in %.2f s (%.0f events/s)", n, dt, n / max(dt, 1e-9))
     return emb, n / max(dt, 1e-9)
+
+
+@contextmanager
+def _torch_threads(n_threads: int):
+    """torch's intra-op threads set to ``n_threads`` inside, as they were after. For the steps of the
+    main process that run no worker (the encoder; dredge's cross-correlations, torch convolutions:
+    0.78 s against 1.25 s with one thread on the drifting Neuropixels benchmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n_threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pca_features(events: dict, n_components: int = 10, seed: int = 0, max_fit: int = 20_000) -> np.ndarray:
@@ -741,10 +751,11 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
                 # length shrinks with the channel count (GRID_CHUNK_CHANNEL_SECONDS)
                 chunk_s = min(10.0, max(1.0, GRID_CHUNK_CHANNEL_SECONDS / rec.get_num_channels()))
                 locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": f"{chunk_s:g}s"}, seed=seed)
-            motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
-                                     bin_um=SCREEN_BIN_UM if method == "center_of_mass" else 1.0,
-                                     win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
-                                     histogram_time_smooth_s=time_smooth_s, progress_bar=False)
+            with _torch_threads(job_kwargs.get("n_jobs", 1)):
+                motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
+                                         bin_um=SCREEN_BIN_UM if method == "center_of_mass" else 1.0,
+                                         win_shape="gaussian", win_step_um=400.0, win_scale_um=400.0,
+                                         histogram_time_smooth_s=time_smooth_s, progress_bar=False)
         except Exception as err:  # noqa: BLE001 - a failed estimate must not stop the sort
             if method == "center_of_mass":
                 logger.info("screening drift estimate failed (%s): estimating it in full", err)
@@ -1086,8 +1097,23 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     fs = rec.get_sampling_frequency()
     refractory_samples = int(round(refractory_ms * fs / 1000))
     residual_window = int(round(RESIDUAL_WINDOW_MS * fs / 1000))
+    noise_sd = None
     if method == "wobble":
-        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels, drift=drift)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from spikevault.filters import local_whitening_matrix
+
+        # Two reads of the traces in the main process, both before the pass and independent of it:
+        # the noise fits' amplitude SDs in a thread while this one computes the whitening matrix
+        # (on the drifting Neuropixels benchmark 0.67 and 0.58 s, one after the other before). The
+        # thread ends before the pass forks its workers.
+        with ThreadPoolExecutor(1) as helper:
+            job = (helper.submit(amplitude_noise_sd, rec, templates, noise_levels=noise_levels, seed=seed)
+                   if reject_noise else None)
+            whitening = local_whitening_matrix(drift.recording if drift is not None else rec, WHITEN_RADIUS_UM,
+                                               seed=0).astype(np.float32)
+            noise_sd = job.result() if job is not None else None
+        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels, whitening, drift=drift)
     else:
         method_kwargs = {}
         if getattr(matching_methods[method], "need_noise_levels", False):
@@ -1113,7 +1139,8 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
                 stats["residual_fits_removed"] = {str(templates.unit_ids[u]): int(n) for u, n in zip(units, counts)}
             spikes = spikes[~residual]
         if reject_noise:
-            noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
+            if noise_sd is None:
+                noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
             keep = np.ones(len(spikes), dtype=bool)
             # wobble: a fit beside another one is the residual rule's business; a collision blurs
             # its amplitude fit, and the noise test took real coincident spikes for noise
@@ -1150,19 +1177,20 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     return sorting
 
 
-def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels,
+def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels, whitening: np.ndarray,
             drift: DriftInfo | None = None) -> np.ndarray:
     """SpikeInterface's wobble matching on spatially whitened traces; amplitudes as scalings.
 
     Wobble runs as :class:`inference.fast_wobble.FftWobbleMatch`: the same algorithm and output,
     its objective computed by one FFT per chunk (the objective was most of wobble's time).
 
-    Wobble's objective assumes white noise: it is computed on whitened traces (SpikeInterface's
-    local whitening matrix, ``WHITEN_RADIUS_UM``: :func:`spikevault.filters.local_whitening_matrix`)
-    with the templates through the same linear map. The matrix is folded into the objective's
-    spatial components (``FftWobbleMatch(whitening=...)``): the traces are not whitened chunk by
-    chunk (43 ms per 1 s chunk of 384 channels, 4 ms of 64). Its threshold (``WOBBLE_THRESHOLD``) is on
-    the fitted spike's squared norm in noise units (25: a spike 5 noise SDs tall along its
+    Wobble's objective assumes white noise: it is computed on whitened traces (``whitening``:
+    SpikeInterface's local whitening matrix of the recorded traces, ``WHITEN_RADIUS_UM``,
+    :func:`spikevault.filters.local_whitening_matrix`) with the templates through the same linear
+    map. The matrix is folded into the objective's spatial components
+    (``FftWobbleMatch(whitening=...)``): the traces are not whitened chunk by chunk (43 ms per 1 s
+    chunk of 384 channels, 4 ms of 64). Its threshold (``WOBBLE_THRESHOLD``) is on the fitted
+    spike's squared norm in noise units (25: a spike 5 noise SDs tall along its
     template); its refractory period is the sort's (at most a template's length). Wobble reports
     each spike's peak voltage, not its fitted amplitude: the amplitudes (scaling of the template,
     1 = the template), as the steps after matching expect, are fitted in the same pass, chunk by
@@ -1178,8 +1206,6 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.core.sparsity import ChannelSparsity
 
-    from spikevault.filters import local_whitening_matrix
-
     from .fast_wobble import FftWobbleMatch
 
     # wobble masks its objective over the refractory window: beyond a template's length it indexes
@@ -1188,8 +1214,8 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     if drift is not None:
-        return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels)
-    matrix = local_whitening_matrix(rec, WHITEN_RADIUS_UM, seed=0).astype(np.float32)
+        return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels, whitening)
+    matrix = whitening
     mask = (templates.sparsity.mask if templates.sparsity is not None
             else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
     white_templates = Templates(
@@ -1208,15 +1234,14 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     return spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
 
 
-def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels) -> np.ndarray:
-    """Wobble with the templates following the motion over the recorded traces (whitened in its objective)."""
+def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels,
+                     matrix: np.ndarray) -> np.ndarray:
+    """Wobble with the templates following the motion over the recorded traces (whitened in its
+    objective by ``matrix``)."""
     from spikeinterface.core.node_pipeline import run_node_pipeline
-
-    from spikevault.filters import local_whitening_matrix
 
     from .drift_matching import DriftingWobble
 
-    matrix = local_whitening_matrix(drift.recording, WHITEN_RADIUS_UM, seed=0).astype(np.float32)
     locations = drift.recording.get_channel_locations()[:, :2]
     noise = (_noise_levels(drift.recording, job_kwargs) if noise_levels is None else np.asarray(noise_levels))
 

@@ -223,8 +223,9 @@ def test_wobble_on_whitened_traces_finds_the_spikes_and_fits_their_amplitudes(ea
     from spikeinterface.core.sparsity import ChannelSparsity
     from spikeinterface.core.waveform_tools import estimate_templates
 
-    from inference.sort import _noise_levels, _wobble
+    from inference.sort import WHITEN_RADIUS_UM, _noise_levels, _wobble
     from spikevault.extract import preprocess
+    from spikevault.filters import local_whitening_matrix
 
     rec, gt = easy
     pre = preprocess(rec)
@@ -236,7 +237,8 @@ def test_wobble_on_whitened_traces_finds_the_spikes_and_fits_their_amplitudes(ea
     templates = Templates(arr.astype(np.float32), pre.sampling_frequency, nbefore, is_in_uV=True,
                           channel_ids=pre.channel_ids, unit_ids=gt.unit_ids, probe=pre.get_probe()
                           ).to_sparse(ChannelSparsity(mask, gt.unit_ids, pre.channel_ids))
-    spikes = _wobble(pre, templates, {"n_jobs": 1, "chunk_duration": "1s"}, 45, _noise_levels(pre, JOB))
+    whitening = local_whitening_matrix(pre, WHITEN_RADIUS_UM).astype(np.float32)
+    spikes = _wobble(pre, templates, {"n_jobs": 1, "chunk_duration": "1s"}, 45, _noise_levels(pre, JOB), whitening)
     assert np.all(np.diff(spikes["sample_index"]) >= 0)
     found = NumpySorting.from_samples_and_labels([spikes["sample_index"]], [gt.unit_ids[spikes["cluster_index"]]],
                                                  pre.sampling_frequency)
