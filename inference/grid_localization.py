@@ -19,7 +19,6 @@ them for every (depth, contact, grid position): on a Neuropixels probe 5 x 384 x
 1.3 s in the main process before the pass starts, nearly all of them underflowing to zero.
 """
 
-
 from __future__ import annotations
 
 import numpy as np

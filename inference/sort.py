@@ -591,9 +591,9 @@ def embed_events(net, events: dict, batch_size: int = 128, n_threads: int = 1) -
 
 @contextmanager
 def _torch_threads(n_threads: int):
-    """torch's intra-op threads set to ``n_threads`` inside, as they were after. For the steps of the
-    main process that run no worker (the encoder; dredge's cross-correlations, torch convolutions:
-    0.78 s against 1.25 s with one thread on the drifting Neuropixels benchmark)."""
+    """torch's intra-op threads set to ``n_threads`` inside, restored after. For the steps of the
+    main process that run while no worker does (the encoder; dredge's cross-correlations, torch
+    convolutions: 0.78 s against 1.25 s with one thread on the drifting Neuropixels benchmark)."""
     import torch
 
     before = torch.get_num_threads()
@@ -675,10 +675,10 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
 DRIFT_SCREEN_FRACTION = 0.5
 #: Depth bin of the screening estimate's activity histograms (the full estimate keeps dredge's
 #: 1 um). dredge's cost is the cross-correlation of every pair of time bins' histograms over
-#: every lag, which shrinks with the square of the bin: on the drifting Neuropixels benchmark
-#: 0.40 s against 1.24 s, the displacement within 0.16 um RMS (0.43 um at most) of the 1 um
-#: estimate, on 20 um contacts. The full estimate in 2 um bins too lost 0.006 of drift64's mean
-#: accuracy over its three seeds (0.922 -> 0.916): only the screen, a detector, uses them.
+#: every lag, which shrinks with the square of the bin: on the drifting Neuropixels benchmark's
+#: grid positions 0.40 s against 1.24 s, the displacement within 0.16 um RMS (0.43 um at most) of
+#: the 1 um estimate, on 20 um contacts. The full estimate in 2 um bins too lost 0.006 of drift64's
+#: mean accuracy over its three seeds (0.922 -> 0.916): only the screen, a detector, uses them.
 SCREEN_BIN_UM = 2.0
 #: The motion estimate's grid_convolution localisation reads chunks of this many channel-seconds
 #: (10 s on 64 channels; 1.7 s on 384, where 10 s chunks peaked at 2.7 GB against 1.5 GB static).
@@ -704,9 +704,9 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
     ``positions``, SpikeInterface's ``center_of_mass`` pass). The full estimate's
     ``grid_convolution`` pass is most of the cost. The centre of mass's steps make the screen a
     poor correction but a good detector (benchmark recordings, screen / full estimate: static
-    np384 0.0 / 0.0 um; drift64 and its two seeds, +-20 um zigzags, 21.1 / 20.6, 19.2 / 20.7 and
-    18.8 / 21.0 um): when it stays within ``screen_below_um`` the recording is taken as static
-    and the full estimate is skipped.
+    np384 0.0 / 0.0 um; drift64 and its two seeds, +-20 um zigzags, 21.3 / 20.6, 19.3 / 20.7 and
+    18.4 / 21.0 um; np384drift 24.0 / 20.3 um): when it stays within ``screen_below_um`` the
+    recording is taken as static and the full estimate is skipped.
 
     Returns (Motion or None, max absolute displacement in um or None). The Motion is None when
     the probe is too short or too two-dimensional for depth drift correction (displacement None
