@@ -29,6 +29,13 @@ spike, then the refractory periods enforced over the whole spike train again aft
 template) is :meth:`FftWobbleMatch.subtract_spike_train`: one numba loop and one refractory pass,
 the same objective bit for bit.
 
+Wobble's peak finding takes, each iteration, the samples of the best template's objective that
+are above the threshold and strictly greater than every other sample within a template's length
+on either side, by two maximum filters over the whole chunk. :func:`find_strict_peaks` gives the
+same indices by one numba scan that compares only the local maxima above the threshold with
+their neighbours (0.03 against 0.26 ms per call on a 1 s chunk); it stands in for wobble's
+function while :meth:`FftWobbleMatch.compute_matching` runs.
+
 Wobble's set-up convolves every (jittered template, overlapping template) pair rank by rank with
 ``np.convolve``, tens of thousands of tiny calls per template set (6 s for the 22 displacement
 steps of :class:`inference.drift_matching.DriftingWobble` on a 64-channel, 28-unit recording, in
@@ -41,6 +48,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import fft as sfft
 from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
+from spikeinterface.sortingcomponents.matching import wobble as _wobble_module
 from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
 from spikevault.filters import SPARSE_FRACTION
@@ -216,15 +224,22 @@ class FftWobbleMatch(WobbleMatch):
         objective = self.objective(traces)
         objective_normalized = 2 * objective - data.norm_squared[:, np.newaxis]
         spike_trains = []
-        for _ in range(params.max_iter):
-            spike_train, scaling, _ = self.find_peaks(objective, objective_normalized, np.array(spike_trains),
-                                                      params, data, self.template_meta)
-            if len(spike_train) == 0:
-                break
-            spike_trains.extend(list(spike_train))
-            objective, objective_normalized = self.subtract_spike_train(
-                spike_train, scaling, data, objective, objective_normalized, params, self.template_meta,
-                self.sparsity)
+        # wobble's find_peaks calls its module's _find_strict_peaks: the scan stands in for it for
+        # the length of this loop (a worker computes one chunk at a time; the two give the same
+        # indices, so a thread that sees either is right)
+        _wobble_module._find_strict_peaks = find_strict_peaks
+        try:
+            for _ in range(params.max_iter):
+                spike_train, scaling, _ = self.find_peaks(objective, objective_normalized, np.array(spike_trains),
+                                                          params, data, self.template_meta)
+                if len(spike_train) == 0:
+                    break
+                spike_trains.extend(list(spike_train))
+                objective, objective_normalized = self.subtract_spike_train(
+                    spike_train, scaling, data, objective, objective_normalized, params, self.template_meta,
+                    self.sparsity)
+        finally:
+            _wobble_module._find_strict_peaks = _their_strict_peaks
         if len(spike_trains) == 0:
             return np.zeros(0, dtype=_base_matching_dtype)
         spike_train = np.array(spike_trains)
@@ -243,6 +258,47 @@ class FftWobbleMatch(WobbleMatch):
             spikes["amplitude"] = refit_amplitudes(traces, spike_train[:, 0] - self.nbefore, spike_train[:, 1],
                                                    self.refit)
         return spikes
+
+
+_their_strict_peaks = _wobble_module._find_strict_peaks
+
+
+def find_strict_peaks(objective: np.ndarray, order: int, threshold) -> np.ndarray:
+    """Wobble's ``_find_strict_peaks(objective, order, threshold)``, the same indices: the samples
+    of a 1-D ``objective`` above ``threshold`` (compared in numpy's type for the two) and strictly
+    greater than every other sample within ``order`` samples on either side (the first and last
+    sample never). One numba scan; a sample not above both of its neighbours is passed at once,
+    a local maximum is compared outwards until a sample as large. NaNs go to wobble's own."""
+    from spikevault.filters import _compiled
+
+    if objective.ndim != 1 or objective.size < 3 or np.isnan(objective).any():
+        return _their_strict_peaks(objective, order, threshold)
+    kind = np.result_type(objective, threshold)
+    return _compiled(_strict_peaks_py)(np.ascontiguousarray(objective, dtype=kind), int(order), kind.type(threshold))
+
+
+def _strict_peaks_py(x, order, threshold):
+    n = len(x)
+    out = np.empty(n, np.int64)
+    count = 0
+    for i in range(1, n - 1):
+        v = x[i]
+        if not (v > threshold and v > x[i - 1] and v > x[i + 1]):
+            continue
+        peak = True
+        for j in range(max(0, i - order), i - 1):
+            if x[j] >= v:
+                peak = False
+                break
+        if peak:
+            for j in range(i + 2, min(n - 1, i + order) + 1):
+                if x[j] >= v:
+                    peak = False
+                    break
+        if peak:
+            out[count] = i
+            count += 1
+    return out[:count]
 
 
 def _subtract_py(starts, jittered, scalings, overlap_units, overlap_counts, pconv, objective, objective_normalized,

@@ -55,7 +55,7 @@ def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates, amp
     from spikeinterface.sortingcomponents.matching import wobble
     from spikeinterface.sortingcomponents.matching.wobble import WobbleMatch
 
-    from inference.fast_wobble import FftWobbleMatch, fft_convolve_templates
+    from inference.fast_wobble import FftWobbleMatch, fft_convolve_templates, find_strict_peaks
 
     rec, templates = recording_and_templates
     params = {"threshold": 25.0, "refractory_period_frames": 10, "amplitude_variance": amplitude_variance}
@@ -79,6 +79,7 @@ def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates, amp
         reference.clean()
         fast.clean()
     assert total > 50  # the recording's spikes were found, not an empty match on both sides
+    assert wobble._find_strict_peaks is not find_strict_peaks  # the peak scan's swap ends with each chunk
 
 
 @pytest.mark.parametrize("amplitude_variance", [0.0, 1.0])  # 1.0: the sort's (amplitudes scaled)
@@ -243,3 +244,26 @@ def test_whitening_folded_into_the_objective_equals_whitening_the_traces(recordi
     finally:
         folded.clean()
         plain.clean()
+
+
+def test_strict_peaks_are_wobbles():
+    """The peak scan returns wobble's indices: plateaus and ties (never strict peaks), windows
+    reaching either end, thresholds given as Python and numpy floats, tiny arrays and NaNs."""
+    from spikeinterface.sortingcomponents.matching.wobble import _find_strict_peaks
+
+    from inference.fast_wobble import find_strict_peaks
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (1, 2, 3, 4, 50, 3000):
+        for dtype in (np.float32, np.float64):
+            smooth = np.convolve(rng.standard_normal(n + 20), np.hanning(9), mode="same")[10:10 + n]
+            cases.append(smooth.astype(dtype))
+            cases.append(np.round(rng.standard_normal(n) * 2).astype(dtype))  # many ties
+    with_nan = cases[-1].copy()
+    with_nan[7] = np.nan
+    cases.append(with_nan)
+    for x in cases:
+        for order in (1, 2, 5, 89):
+            for threshold in (-np.inf, 0.0, 0.5, np.float64(0.3), 25.1):
+                assert np.array_equal(find_strict_peaks(x, order, threshold), _find_strict_peaks(x, order, threshold))
