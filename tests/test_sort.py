@@ -70,10 +70,13 @@ def test_sort_python_pca_writes_the_output_folder(easy, tmp_path):
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory listed in /dev/shm (Linux)")
 def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy):
     """The traces cached in shared memory are gone when sort returns (not left to a later
-    collection, nor to the resource tracker's cleanup and warning at exit), and the objects
-    frozen out of the collector's reach during the sort are given back."""
+    collection, nor to the resource tracker's cleanup and warning at exit), the objects frozen
+    out of the collector's reach during the sort are given back, and SpikeInterface's global job
+    settings are as they were."""
     import gc
     import os
+
+    from spikeinterface.core import get_global_job_kwargs
 
     from inference import sort
 
@@ -83,8 +86,6 @@ def test_sort_releases_its_shared_memory_and_the_collectors_frozen_objects(easy)
     rec, _ = easy
     before, owned = set(os.listdir("/dev/shm")), owners()
     frozen = gc.get_freeze_count()
-    from spikeinterface.core import get_global_job_kwargs
-
     job_defaults = get_global_job_kwargs()
     sort(rec, report=False, job_kwargs={"n_jobs": 2})
     assert get_global_job_kwargs() == job_defaults  # its workers' thread setting is given back too
@@ -111,6 +112,7 @@ def test_sort_leaves_the_callers_shared_memory_recording_alone(cache):
     sort(theirs, model=None, features="pca", report=False, cache_preprocessing=cache, job_kwargs=JOB)
     assert theirs.main_shm_owner and all(name in os.listdir("/dev/shm") for name in names)
     assert theirs.get_traces(start_frame=0, end_frame=10).shape == (10, rec.get_num_channels())
+
 
 def _thread_counts_init():
     return {}
@@ -767,10 +769,9 @@ def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
     dense probe."""
     import warnings
 
+    from spikeinterface.postprocessing import localization_tools
     from spikeinterface.sortingcomponents.peak_detection import detect_peaks
     from spikeinterface.sortingcomponents.peak_localization import localize_peaks
-
-    from spikeinterface.postprocessing import localization_tools
 
     from inference.grid_localization import _their_convolution_weights, localize_grid_convolution, rows_nanpercentile
     from spikevault.extract import preprocess
