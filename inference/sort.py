@@ -1215,15 +1215,14 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     if drift is not None:
         return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels, whitening)
-    matrix = whitening
     mask = (templates.sparsity.mask if templates.sparsity is not None
             else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
     white_templates = Templates(
-        templates_array=(templates.get_dense_templates() @ matrix).astype(np.float32),
+        templates_array=(templates.get_dense_templates() @ whitening).astype(np.float32),
         sampling_frequency=templates.sampling_frequency, nbefore=templates.nbefore, is_in_uV=True,
         sparsity_mask=None, channel_ids=templates.channel_ids, unit_ids=templates.unit_ids, probe=templates.probe,
     ).to_sparse(ChannelSparsity(mask, templates.unit_ids, templates.channel_ids))
-    node = FftWobbleMatch(rec, white_templates, parameters=params, whitening=matrix,
+    node = FftWobbleMatch(rec, white_templates, parameters=params, whitening=whitening,
                           refit=templates.get_dense_templates() * mask[:, None, :])
     try:
         spikes = run_node_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
