@@ -376,17 +376,22 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
         traces (or before, when nothing is cached)."""
         from threadpoolctl import threadpool_limits
 
-        with _collections_paused():
-            import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
+        import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
 
-            loaded["net"] = load_network()
+        loaded["net"] = load_network()
         late_limits.enter_context(threadpool_limits(limits=1))
 
-    preprocessed = preprocess(recording, eparams)
-    rec = _cache(preprocessed, p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+    # No automatic collection until the libraries the sort loads (scipy.signal for the filters,
+    # numba for the kernels, then scikit-learn and torch) are loaded and frozen out of the
+    # collector's reach: imports make many objects that stay and few cycles, and each collection
+    # in between walked them all (0.28 s of static32's main process, 0.13 s of it the first young
+    # collection after the libraries, over every object they had made).
+    with _collections_paused():
+        preprocessed = preprocess(recording, eparams)
+        rec = _cache(preprocessed, p.cache_preprocessing, job_kwargs, while_writing=load_libraries)
+        spare_loaded()  # the libraries just loaded, out of the full collections' reach
     # the cache's own SharedMemoryRecording, when the traces were cached (never one the caller gave)
     shared = rec._kwargs["recording"] if rec is not preprocessed else None
-    spare_loaded()  # the libraries just loaded, out of the full collections' reach
     net = loaded["net"]
     tick("preprocess_s")
     extract_kw = dict(schema=schema, params=eparams, recording_id=name, preprocessed=True, job_kwargs=job_kwargs)
