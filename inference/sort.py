@@ -1102,23 +1102,20 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
     fs = rec.get_sampling_frequency()
     refractory_samples = int(round(refractory_ms * fs / 1000))
     residual_window = int(round(RESIDUAL_WINDOW_MS * fs / 1000))
-    noise_sd = None
-    if method == "wobble":
-        from concurrent.futures import ThreadPoolExecutor
+    measured = {}
 
+    def measure_noise_sd():
+        measured["noise_sd"] = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
+
+    if method == "wobble":
         from spikevault.filters import local_whitening_matrix
 
-        # Two reads of the traces in the main process, both before the pass and independent of it:
-        # the noise fits' amplitude SDs in a thread while this one computes the whitening matrix
-        # (on the drifting Neuropixels benchmark 0.67 and 0.58 s, one after the other before). The
-        # thread ends before the pass forks its workers.
-        with ThreadPoolExecutor(1) as helper:
-            job = (helper.submit(amplitude_noise_sd, rec, templates, noise_levels=noise_levels, seed=seed)
-                   if reject_noise else None)
-            whitening = local_whitening_matrix(drift.recording if drift is not None else rec, WHITEN_RADIUS_UM,
-                                               seed=0).astype(np.float32)
-            noise_sd = job.result() if job is not None else None
-        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels, whitening, drift=drift)
+        whitening = local_whitening_matrix(drift.recording if drift is not None else rec, WHITEN_RADIUS_UM,
+                                           seed=0).astype(np.float32)
+        # the noise fits' amplitude SDs read the traces in this process while the workers match
+        # (0.24 s of static32's main process before the pass, 0.67 s of the drifting Neuropixels')
+        spikes = _wobble(rec, templates, jk, refractory_samples, noise_levels, whitening, drift=drift,
+                         while_running=measure_noise_sd if reject_noise else None)
     else:
         method_kwargs = {}
         if getattr(matching_methods[method], "need_noise_levels", False):
@@ -1144,8 +1141,9 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
                 stats["residual_fits_removed"] = {str(templates.unit_ids[u]): int(n) for u, n in zip(units, counts)}
             spikes = spikes[~residual]
         if reject_noise:
-            if noise_sd is None:
-                noise_sd = amplitude_noise_sd(rec, templates, noise_levels=noise_levels, seed=seed)
+            if "noise_sd" not in measured:
+                measure_noise_sd()
+            noise_sd = measured["noise_sd"]
             keep = np.ones(len(spikes), dtype=bool)
             # wobble: a fit beside another one is the residual rule's business; a collision blurs
             # its amplitude fit, and the noise test took real coincident spikes for noise
@@ -1183,7 +1181,7 @@ def match_templates(rec, templates, method: str, job_kwargs: dict, noise_levels:
 
 
 def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_levels, whitening: np.ndarray,
-            drift: DriftInfo | None = None) -> np.ndarray:
+            drift: DriftInfo | None = None, while_running=None) -> np.ndarray:
     """SpikeInterface's wobble matching on spatially whitened traces; amplitudes as scalings.
 
     Wobble runs as :class:`inference.fast_wobble.FftWobbleMatch`: the same algorithm and output,
@@ -1206,9 +1204,12 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     With ``drift``, wobble runs on the recorded traces (whitened the same way), each 1 s chunk with
     the templates moved to the chunk's displacement (:class:`inference.drift_matching.DriftingWobble`),
     the amplitudes refitted on the moved templates.
+
+    ``while_running()``, when given, runs once in this process while the workers match
+    (:func:`_run_pipeline`).
     """
     from spikeinterface.core import Templates
-    from spikeinterface.core.node_pipeline import run_node_pipeline
+    from spikeinterface.core.node_pipeline import GatherToMemory
     from spikeinterface.core.sparsity import ChannelSparsity
 
     from .fast_wobble import FftWobbleMatch
@@ -1219,7 +1220,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
               "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
     if drift is not None:
-        return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels, whitening)
+        return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels, whitening, while_running)
     mask = (templates.sparsity.mask if templates.sparsity is not None
             else np.ones((len(templates.unit_ids), len(templates.channel_ids)), dtype=bool))
     white_templates = Templates(
@@ -1230,8 +1231,8 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     node = FftWobbleMatch(rec, white_templates, parameters=params, whitening=whitening,
                           refit=templates.get_dense_templates() * mask[:, None, :])
     try:
-        spikes = run_node_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
-                                   names=["spikes"])
+        spikes = _run_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", gather=GatherToMemory(),
+                               squeeze_output=True, while_running=while_running)
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
@@ -1239,10 +1240,10 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
 
 
 def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict, noise_levels,
-                     matrix: np.ndarray) -> np.ndarray:
+                     matrix: np.ndarray, while_running=None) -> np.ndarray:
     """Wobble with the templates following the motion over the recorded traces (whitened in its
     objective by ``matrix``)."""
-    from spikeinterface.core.node_pipeline import run_node_pipeline
+    from spikeinterface.core.node_pipeline import GatherToMemory
 
     from .drift_matching import DriftingWobble
 
@@ -1256,12 +1257,44 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
                           step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
                           min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
-        spikes = run_node_pipeline(drift.recording, [node], job_kwargs, squeeze_output=True, names=["spikes"],
-                                   job_name="find spikes (wobble, drifting templates)")
+        spikes = _run_pipeline(drift.recording, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
+                               gather=GatherToMemory(), squeeze_output=True, while_running=while_running)
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
     return spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
+
+
+def _run_pipeline(recording, nodes, job_kwargs: dict, *, job_name: str, gather, squeeze_output: bool = False,
+                  while_running=None):
+    """SpikeInterface's ``run_node_pipeline`` with its gather object given (``GatherToMemory()``...)
+    and ``while_running()`` called once in this process at the first chunk's result.
+
+    With worker processes, they have all started then (a fork context starts every worker at the
+    first chunk submitted: they do not inherit what ``while_running`` makes) and compute the other
+    chunks while it runs; with ``n_jobs=1``, it runs between the first chunk and the others. It
+    suits work that leaves the interpreter often (numpy): the pool's result thread shares it.
+    Returns ``gather.finalize_buffers(squeeze_output)``.
+    """
+    from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
+    from spikeinterface.core.node_pipeline import (PeakSource, _compute_peak_pipeline_chunk, _init_peak_pipeline,
+                                                   check_graph)
+
+    check_graph(nodes, check_for_peak_source=False)
+    if isinstance(nodes[0], PeakSource) and nodes[0].need_first_call_before_pipeline:
+        nodes[0]._first_call_before_pipeline()  # as run_node_pipeline does, before the workers start
+    pending = [while_running] if while_running is not None else []
+
+    def gather_func(res):
+        while pending:
+            pending.pop()()
+        gather(res)
+
+    TimeSeriesChunkExecutor(recording, _compute_peak_pipeline_chunk, _init_peak_pipeline, (recording, nodes, None),
+                            gather_func=gather_func, job_name=job_name, **fix_job_kwargs(job_kwargs)).run()
+    while pending:  # a recording without chunks
+        pending.pop()()
+    return gather.finalize_buffers(squeeze_output=squeeze_output)
 
 
 #: Radius of the local whitening before wobble (SpikeInterface's default, as Lupin uses).

@@ -150,6 +150,37 @@ def test_forked_workers_keep_one_thread_without_a_limit_per_chunk(easy):
         assert fix_job_kwargs({"n_jobs": 2})["max_threads_per_worker"] == before["max_threads_per_worker"]
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_pipeline_runs_its_hook_once_while_the_workers_compute(easy, n_jobs):
+    """``_run_pipeline`` gives SpikeInterface's ``run_node_pipeline`` output, and calls its hook
+    once, in this process, after the first chunk: with workers, once they have all started."""
+    import multiprocessing
+    import os
+
+    from spikeinterface.core import get_noise_levels
+    from spikeinterface.core.node_pipeline import GatherToMemory, run_node_pipeline
+    from spikeinterface.preprocessing import bandpass_filter
+    from spikeinterface.sortingcomponents.peak_detection.method_list import detect_peak_methods
+
+    from inference.sort import _run_pipeline
+
+    rec = bandpass_filter(easy[0], 300, 6000)
+    noise = get_noise_levels(rec, random_slices_kwargs={"seed": 0})
+    jk = {"n_jobs": n_jobs, "chunk_duration": "1s", "progress_bar": False}
+    detector = detect_peak_methods["locally_exclusive"](rec, noise_levels=noise, detect_threshold=5,
+                                                        return_output=True)
+    calls = []
+
+    def hook():
+        calls.append((os.getpid(), len(multiprocessing.active_children())))
+
+    got = _run_pipeline(rec, [detector], jk, job_name="peaks", gather=GatherToMemory(), squeeze_output=True,
+                        while_running=hook)
+    expected = run_node_pipeline(rec, [detector], jk, job_name="peaks", squeeze_output=True)
+    assert len(got) > 100 and np.array_equal(got, expected)
+    assert calls == [(os.getpid(), n_jobs if n_jobs > 1 else 0)]
+
+
 def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     from inference.sort import sort
 
