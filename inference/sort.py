@@ -374,9 +374,11 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     def load_libraries():
         """The encoder and scikit-learn, loaded in the main process while the workers cache the
         traces (or before, when nothing is cached)."""
-        from threadpoolctl import threadpool_limits
-
+        # SpikeInterface's peak detection imports torch when it is installed, with or without an
+        # encoder to load (1 s of the PCA ablation's main process, before the extraction pass)
+        import spikeinterface.sortingcomponents.peak_detection.method_list  # noqa: F401
         import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
+        from threadpoolctl import threadpool_limits
 
         loaded["net"] = load_network()
         late_limits.enter_context(threadpool_limits(limits=1))
