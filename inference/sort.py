@@ -372,12 +372,12 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     loaded = {}
 
     def load_libraries():
-        """The encoder and scikit-learn, loaded in the main process while the workers cache the
-        traces (or before, when nothing is cached)."""
-        # SpikeInterface's peak detection imports torch when it is installed, with or without an
-        # encoder to load (1 s of the PCA ablation's main process, before the extraction pass)
-        import spikeinterface.sortingcomponents.peak_detection.method_list  # noqa: F401
+        """The encoder, scikit-learn and SpikeInterface's peak detection, loaded in the main
+        process while the workers cache the traces (or before, when nothing is cached)."""
         import sklearn.cluster  # noqa: F401 - its OpenMP, limited below with the rest
+        # the peak detection imports torch whenever it is installed, encoder or not (the PCA
+        # ablation paid that import alone, 1 s before the extraction pass)
+        import spikeinterface.sortingcomponents.peak_detection.method_list  # noqa: F401
         from threadpoolctl import threadpool_limits
 
         loaded["net"] = load_network()
