@@ -831,6 +831,23 @@ def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
     assert localization_tools.get_convolution_weights is _their_convolution_weights
 
 
+def test_grid_sub_weights_are_spikeinterfaces_array():
+    """A peak channel's grid weights, gathered directly, are SpikeInterface's
+    ``weights[:, channel_mask, :][:, :, nearest_mask]``: the same values with the same strides
+    (numpy's products follow the memory layout, so the positions stay the same bit for bit)."""
+    from inference.grid_localization import sub_weights
+
+    rng = np.random.default_rng(0)
+    for channels, positions in [(384, 2000), (64, 300), (4, 40)]:
+        weights = rng.random((5, channels, positions)).astype(np.float32)
+        channel_mask, nearest_mask = rng.random(channels) > 0.6, rng.random(positions) > 0.8
+        theirs = weights[:, channel_mask, :][:, :, nearest_mask]
+        ours = sub_weights(weights, channel_mask, nearest_mask)
+        assert np.array_equal(ours, theirs) and ours.strides == theirs.strides
+        products = rng.random((7, int(channel_mask.sum()))).astype(np.float32)
+        assert all(np.array_equal(np.dot(products, ours[k]), np.dot(products, theirs[k])) for k in range(5))
+
+
 @pytest.mark.parametrize("probe", ["neuropixels", "dense64", "tetrode"])
 def test_grid_convolution_weights_are_spikeinterfaces(probe):
     """The grid's weights, computed only where they can be nonzero, are SpikeInterface's bit for
