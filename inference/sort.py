@@ -1919,8 +1919,11 @@ def _collector_spares_loaded_objects():
     cause, as Python's ``gc`` documentation recommends); ``gc.unfreeze()`` gives them back at the
     end. Objects freed by their reference counts are freed as before. The second freeze waits for
     the cache pass to end: frozen in the middle of it (from its gather function), its executor's
-    reference cycles kept the cached traces' shared memory alive after the sort. Nothing is
-    frozen when something else has frozen objects already.
+    reference cycles kept the cached traces' shared memory alive after the sort. The sort pauses
+    automatic collection until that freeze (:func:`_run`), so the pass's own garbage cycles are
+    frozen with the libraries and go back to the collector at the end (the test of the sort's
+    shared memory checks that no cache is left). Nothing is frozen when something else has frozen
+    objects already.
     """
     import gc
 
