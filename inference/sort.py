@@ -850,16 +850,11 @@ def _save_to_shared_memory(rec, job_kwargs: dict, while_writing=None):
     blocks = [SharedMemory(create=True, size=max(1, n * c * dtype.itemsize)) for n, c in shapes]
     try:
         names = [b.name for b in blocks]
-        pending = [while_writing] if while_writing is not None else []
-
-        def first_chunk_written(_):
-            while pending:
-                pending.pop()()
-
+        first_chunk_written = _once(while_writing)
         TimeSeriesChunkExecutor(rec, _write_shared_chunk, _init_shared_writer, (rec, names, shapes, dtype),
                                 gather_func=first_chunk_written, job_name="cache preprocessed traces",
                                 **fix_job_kwargs(job_kwargs)).run()
-        first_chunk_written(None)  # a recording without chunks
+        first_chunk_written()  # a recording without chunks
         cached = SharedMemoryRecording(shm_names=names, shape_list=shapes, dtype=dtype,
                                        sampling_frequency=rec.get_sampling_frequency(), channel_ids=rec.channel_ids,
                                        t_starts=rec.get_segment_t_starts(), main_shm_owner=True)
@@ -1211,7 +1206,6 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     (:func:`_run_pipeline`).
     """
     from spikeinterface.core import Templates
-    from spikeinterface.core.node_pipeline import GatherToMemory
     from spikeinterface.core.sparsity import ChannelSparsity
 
     from .fast_wobble import FftWobbleMatch
@@ -1233,8 +1227,8 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     node = FftWobbleMatch(rec, white_templates, parameters=params, whitening=whitening,
                           refit=templates.get_dense_templates() * mask[:, None, :])
     try:
-        spikes = _run_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", gather=GatherToMemory(),
-                               squeeze_output=True, while_running=while_running)
+        spikes = _run_pipeline(rec, [node], job_kwargs, job_name="find spikes (wobble)", squeeze_output=True,
+                               while_running=while_running)
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
@@ -1245,8 +1239,6 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
                      matrix: np.ndarray, while_running=None) -> np.ndarray:
     """Wobble with the templates following the motion over the recorded traces (whitened in its
     objective by ``matrix``)."""
-    from spikeinterface.core.node_pipeline import GatherToMemory
-
     from .drift_matching import DriftingWobble
 
     locations = drift.recording.get_channel_locations()[:, :2]
@@ -1260,43 +1252,52 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
                           min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
         spikes = _run_pipeline(drift.recording, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
-                               gather=GatherToMemory(), squeeze_output=True, while_running=while_running)
+                               squeeze_output=True, while_running=while_running)
     finally:
         node.clean()
     spikes = spikes[spikes["cluster_index"] >= 0]
     return spikes[np.lexsort((spikes["cluster_index"], spikes["sample_index"], spikes["segment_index"]))]
 
 
-def _run_pipeline(recording, nodes, job_kwargs: dict, *, job_name: str, gather, squeeze_output: bool = False,
+def _run_pipeline(recording, nodes, job_kwargs: dict, *, job_name: str, squeeze_output: bool = False,
                   while_running=None):
-    """SpikeInterface's ``run_node_pipeline`` with its gather object given (``GatherToMemory()``...)
-    and ``while_running()`` called once in this process at the first chunk's result.
+    """SpikeInterface's ``run_node_pipeline`` (outputs gathered in memory) with ``while_running()``
+    called once in this process at the first chunk's result.
 
     With worker processes, they have all started then (a fork context starts every worker at the
     first chunk submitted: they do not inherit what ``while_running`` makes) and compute the other
     chunks while it runs; with ``n_jobs=1``, it runs between the first chunk and the others. It
     suits work that leaves the interpreter often (numpy): the pool's result thread shares it.
-    Returns ``gather.finalize_buffers(squeeze_output)``.
     """
     from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
-    from spikeinterface.core.node_pipeline import (PeakSource, _compute_peak_pipeline_chunk, _init_peak_pipeline,
-                                                   check_graph)
+    from spikeinterface.core.node_pipeline import (GatherToMemory, PeakSource, _compute_peak_pipeline_chunk,
+                                                   _init_peak_pipeline, check_graph)
 
     check_graph(nodes, check_for_peak_source=False)
     if isinstance(nodes[0], PeakSource) and nodes[0].need_first_call_before_pipeline:
         nodes[0]._first_call_before_pipeline()  # as run_node_pipeline does, before the workers start
-    pending = [while_running] if while_running is not None else []
+    first_result, gather = _once(while_running), GatherToMemory()
 
     def gather_func(res):
-        while pending:
-            pending.pop()()
+        first_result()
         gather(res)
 
     TimeSeriesChunkExecutor(recording, _compute_peak_pipeline_chunk, _init_peak_pipeline, (recording, nodes, None),
                             gather_func=gather_func, job_name=job_name, **fix_job_kwargs(job_kwargs)).run()
-    while pending:  # a recording without chunks
-        pending.pop()()
+    first_result()  # a recording without chunks
     return gather.finalize_buffers(squeeze_output=squeeze_output)
+
+
+def _once(hook):
+    """A function (of any arguments, ignored) that calls ``hook()`` on its first call only; one that
+    does nothing when ``hook`` is None."""
+    pending = [hook] if hook is not None else []
+
+    def call(*_):
+        while pending:
+            pending.pop()()
+
+    return call
 
 
 #: Radius of the local whitening before wobble (SpikeInterface's default, as Lupin uses).

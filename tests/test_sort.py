@@ -158,7 +158,7 @@ def test_pipeline_runs_its_hook_once_while_the_workers_compute(easy, n_jobs):
     import os
 
     from spikeinterface.core import get_noise_levels
-    from spikeinterface.core.node_pipeline import GatherToMemory, run_node_pipeline
+    from spikeinterface.core.node_pipeline import run_node_pipeline
     from spikeinterface.preprocessing import bandpass_filter
     from spikeinterface.sortingcomponents.peak_detection.method_list import detect_peak_methods
 
@@ -174,8 +174,7 @@ def test_pipeline_runs_its_hook_once_while_the_workers_compute(easy, n_jobs):
     def hook():
         calls.append((os.getpid(), len(multiprocessing.active_children())))
 
-    got = _run_pipeline(rec, [detector], jk, job_name="peaks", gather=GatherToMemory(), squeeze_output=True,
-                        while_running=hook)
+    got = _run_pipeline(rec, [detector], jk, job_name="peaks", squeeze_output=True, while_running=hook)
     expected = run_node_pipeline(rec, [detector], jk, job_name="peaks", squeeze_output=True)
     assert len(got) > 100 and np.array_equal(got, expected)
     assert calls == [(os.getpid(), n_jobs if n_jobs > 1 else 0)]
