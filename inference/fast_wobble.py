@@ -336,7 +336,9 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
     visible = sparsity.visible_channels[:, np.newaxis, :]
     # [templates, rank, channels], zero off the visible channels, scaled by the singular values
     filters = spatial[:, :approx_rank, :] * visible * singular[:, :approx_rank, np.newaxis]
-    spectra = sfft.rfft(temporal[:, :, :approx_rank], n, axis=1)  # [templates, frequencies, rank]
+    # [frequencies, rank, templates]: the products below are summed over the rank as whole
+    # [frequencies, overlapping] slices (4.6x faster than a sum over a last axis of 3-5)
+    spectra = np.ascontiguousarray(sfft.rfft(temporal[:, :, :approx_rank], n, axis=1).transpose(1, 2, 0))
     rank = filters.shape[1]  # approx_rank, or fewer with fewer channels (one on a single wire)
     jittered_indices = np.asarray(jittered_indices)
     template_of = jittered_indices // jitter_factor
@@ -348,11 +350,11 @@ def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jit
         k = len(overlapping)
         reconstructed = np.flip((temporal_jittered[jittered] * singular[template_index]) @ spatial[template_index],
                                 axis=1)  # [jitters, samples, channels], time-reversed
-        filtered = (reconstructed @ filters[overlapping].reshape(k * rank, -1).T).reshape(
-            len(rows), num_samples, k, rank)
-        spectrum = sfft.rfft(filtered, n, axis=1)  # [jitters, frequencies, overlapping, rank]
-        spectrum *= spectra[overlapping].transpose(1, 0, 2)[np.newaxis]
-        convolved = sfft.irfft(spectrum.sum(axis=3), n, axis=1)[:, :length].astype(np.float32)
+        filtered = (reconstructed @ filters[overlapping].transpose(1, 0, 2).reshape(rank * k, -1).T).reshape(
+            len(rows), num_samples, rank, k)
+        spectrum = sfft.rfft(filtered, n, axis=1)  # [jitters, frequencies, rank, overlapping]
+        spectrum *= spectra[:, :, overlapping][np.newaxis]
+        convolved = sfft.irfft(spectrum.sum(axis=2), n, axis=1)[:, :length].astype(np.float32)
         for row, conv in zip(rows, convolved):  # [length, overlapping] -> wobble's [overlapping, length]
             pairwise[row] = np.ascontiguousarray(conv.T)
     return pairwise

@@ -654,6 +654,10 @@ def _channel_index(events: dict, rec) -> np.ndarray:
                        count=len(events["peak_channel_id"]))
 
 
+#: Events converted to float32 at a time by :func:`localize_events`.
+LOCALIZE_BLOCK_EVENTS = 4096
+
+
 def localize_events(events: dict, channel_locations: np.ndarray, channel_index: np.ndarray,
                     radius_um: float = 75.0) -> np.ndarray:
     """Centre of mass of each event on the probe, from its own K channels.
@@ -668,9 +672,12 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
     off = events["channel_offsets_um"].astype(np.float64)
     mask = events["channel_mask"] & (np.linalg.norm(off, axis=2) <= radius_um)
     ptp = np.zeros(mask.shape, dtype=np.float64)
-    for s in range(0, len(wf), 50_000):
-        w = wf[s: s + 50_000].astype(np.float32)
-        ptp[s: s + 50_000] = w.max(axis=1) - w.min(axis=1)
+    # in blocks whose float32 copy (12 MB on 12 channels) the allocator reuses: a fresh copy of a
+    # large block costs the kernel more than the conversion (drift64's first call, in 50,000-event
+    # blocks: 0.43 s, 0.26 s of it system time, against 0.17 s)
+    for s in range(0, len(wf), LOCALIZE_BLOCK_EVENTS):
+        w = wf[s: s + LOCALIZE_BLOCK_EVENTS].astype(np.float32)
+        ptp[s: s + LOCALIZE_BLOCK_EVENTS] = w.max(axis=1) - w.min(axis=1)
     ptp *= mask
     com = np.sum(ptp[..., None] * off, axis=1) / np.maximum(ptp.sum(axis=1), 1e-9)[:, None]
     peak_xy = np.asarray(channel_locations, dtype=np.float64)[channel_index, :2]
@@ -1214,7 +1221,7 @@ def _wobble(rec, templates, job_kwargs: dict, refractory_samples: int, noise_lev
     # past the chunk (IndexError); a longer refractory period is the multi-unit test's business
     refractory = int(min(refractory_samples, templates.num_samples - 1))
     params = {"threshold": WOBBLE_THRESHOLD, "refractory_period_frames": refractory,
-              "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE}
+              "amplitude_variance": WOBBLE_AMPLITUDE_VARIANCE, "approx_rank": WOBBLE_APPROX_RANK}
     if drift is not None:
         return _drifting_wobble(templates, drift, job_kwargs, params, noise_levels, whitening, while_running)
     mask = (templates.sparsity.mask if templates.sparsity is not None
@@ -1306,6 +1313,14 @@ WHITEN_RADIUS_UM = 100.0
 WOBBLE_THRESHOLD = 25.0
 #: Wobble's prior variance of a spike's amplitude around its template's (SpikeInterface's default).
 WOBBLE_AMPLITUDE_VARIANCE = 1.0
+#: Rank of wobble's approximation of each template (a sum of this many space x time products).
+#: SpikeInterface's default is 5; the objective's cost is mostly linear in it (drift64's matching
+#: 6.2 -> 5.5 s with 3). Real templates are close to rank 3: the Kilosort eMouse set's 76 are
+#: exactly rank 3, and of the 17 Kampff dense-probe units' energy within 100 um, rank 3 leaves
+#: 3.2% out (median; 15% at most) against rank 5's 1.6% (11%), rank 2's 7.5% (22%). Spikes' amplitudes
+#: are refitted with the full templates. Rank 2 and 3 gave every benchmark recording's accuracy
+#: within 0.005 of rank 5's (BENCHMARKS.md, seventeenth session).
+WOBBLE_APPROX_RANK = 3
 #: Floor of the per-template amplitude bound estimated from wobble's smallest fit.
 MIN_WOBBLE_BOUND = 0.05
 #: :func:`residual_fits`: a fit is a candidate when a fit within this window (either side)
