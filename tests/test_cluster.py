@@ -164,6 +164,24 @@ def test_curation_threads_give_the_same_labels_as_one():
         assert one[2]["final_clusters"] == 2
 
 
+def test_merge_window_passes_over_pairs_whose_cluster_merged_earlier_in_it():
+    """Threads decide MERGE_WINDOW pairs at a time; pairs sharing a cluster with an earlier merge
+    in the window are passed over, as one at a time: a unit in four pieces merges alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.curation import MERGE_WINDOW
+
+    events, truth = _event_set()
+    pieces = truth * 4
+    pieces[truth == 0] = np.arange(int(np.sum(truth == 0))) % 4  # unit 0 in four pieces: six pairs
+    assert MERGE_WINDOW > 1
+    one = merge_clusters(events, pieces, CurationParams())
+    with ThreadPoolExecutor(2) as pool:
+        two = merge_clusters(events, pieces, CurationParams(), pool)
+    assert np.array_equal(one[0], two[0]) and one[1] == two[1] == 3
+    assert len(np.unique(one[0][truth == 0])) == 1 and len(np.unique(one[0])) == 2
+
+
 
 def test_noise_rejection_reads_the_channels_most_events_carry():
     """A unit whose trough reaches a far channel earlier (a propagating spike) is kept: that channel
