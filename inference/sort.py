@@ -1315,11 +1315,11 @@ WOBBLE_THRESHOLD = 25.0
 WOBBLE_AMPLITUDE_VARIANCE = 1.0
 #: Rank of wobble's approximation of each template (a sum of this many space x time products).
 #: SpikeInterface's default is 5; the objective's cost is mostly linear in it (drift64's matching
-#: 6.2 -> 5.5 s with 3). Real templates are close to rank 3: the Kilosort eMouse set's 76 are
-#: exactly rank 3, and of the 17 Kampff dense-probe units' energy within 100 um, rank 3 leaves
-#: 3.2% out (median; 15% at most) against rank 5's 1.6% (11%), rank 2's 7.5% (22%). Spikes' amplitudes
-#: are refitted with the full templates. Rank 2 and 3 gave every benchmark recording's accuracy
-#: within 0.005 of rank 5's (BENCHMARKS.md, seventeenth session).
+#: stage 5.9-6.3 -> 4.6-5.0 s with 3). Real templates are close to rank 3: the Kilosort eMouse
+#: set's 76 are exactly rank 3, and of the 17 Kampff dense-probe units' energy within 100 um,
+#: rank 3 leaves 3.2% out (median; 15% at most) against rank 5's 1.6% (11%), rank 2's 7.5% (22%).
+#: Spikes' amplitudes are refitted with the full templates. Ranks 2 and 3 gave every benchmark
+#: recording's accuracy within 0.005 of rank 5's (BENCHMARKS.md, seventeenth session).
 WOBBLE_APPROX_RANK = 3
 #: Floor of the per-template amplitude bound estimated from wobble's smallest fit.
 MIN_WOBBLE_BOUND = 0.05

@@ -182,7 +182,6 @@ def test_merge_window_passes_over_pairs_whose_cluster_merged_earlier_in_it():
     assert len(np.unique(one[0][truth == 0])) == 1 and len(np.unique(one[0])) == 2
 
 
-
 def test_noise_rejection_reads_the_channels_most_events_carry():
     """A unit whose trough reaches a far channel earlier (a propagating spike) is kept: that channel
     is carried only by the tenth of its events detected nearest to it, and its mean there, though
