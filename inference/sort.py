@@ -764,7 +764,8 @@ def estimate_drift(rec, events: dict, channel_index: np.ndarray, job_kwargs: dic
                 # positions). Its chunk holds every peak's waveform on every channel, so the
                 # length shrinks with the channel count (GRID_CHUNK_CHANNEL_SECONDS)
                 chunk_s = min(10.0, max(1.0, GRID_CHUNK_CHANNEL_SECONDS / rec.get_num_channels()))
-                locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": f"{chunk_s:g}s"}, seed=seed)
+                locs = localize_grid_convolution(rec, peaks, {**jk, "chunk_duration": f"{chunk_s:g}s"}, seed=seed,
+                                                 windows=_cache_windows(rec))
             with _torch_threads(job_kwargs.get("n_jobs", 1)):
                 motion = estimate_motion(rec, peaks, locs, method="dredge_ap", direction="y", rigid=rigid,
                                          bin_um=SCREEN_BIN_UM if method == "center_of_mass" else 1.0,
@@ -889,19 +890,14 @@ def _correct_cache_in_place(cache, corrected, job_kwargs: dict) -> bool:
     the lazy interpolation took 35-38 ms per 1 s chunk on each of 311 reads (re-detection,
     templates, noise, matching): here it runs once.
     """
-    from spikeinterface.core import SharedMemoryRecording
     from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
 
-    from spikevault.filters import OnePassScaleRecording, QuantiseRecording
+    from spikevault.filters import QuantiseRecording
 
-    if not isinstance(cache, OnePassScaleRecording):
+    parts = _cache_parts(cache)
+    if parts is None:
         return False
-    shared = cache._kwargs["recording"]
-    gain = np.unique(np.asarray(cache._kwargs["gain"]))
-    if (not isinstance(shared, SharedMemoryRecording) or np.dtype(shared.get_dtype()) != np.int16 or len(gain) != 1
-            or np.any(np.asarray(cache._kwargs["offset"]) != 0)):
-        return False
-    step = float(gain[0])
+    shared, step = parts
     quantised = QuantiseRecording(corrected, step=step, limit=_INT16_LIMIT * step)
     kw = shared._kwargs
     jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "progress_bar", "chunk_duration")}
@@ -909,6 +905,48 @@ def _correct_cache_in_place(cache, corrected, job_kwargs: dict) -> bool:
                             (quantised, kw["shm_names"], kw["shape_list"], np.dtype("int16")),
                             job_name="write the motion-corrected traces over the cache", **fix_job_kwargs(jk)).run()
     return True
+
+
+def _cache_parts(cache):
+    """(its int16 ``SharedMemoryRecording``, its quantisation step) when ``cache`` is the sort's
+    cache (:func:`_cache`), else None."""
+    from spikeinterface.core import SharedMemoryRecording
+
+    from spikevault.filters import OnePassScaleRecording
+
+    if not isinstance(cache, OnePassScaleRecording):
+        return None
+    shared = cache._kwargs["recording"]
+    gain = np.unique(np.asarray(cache._kwargs["gain"]))
+    if (not isinstance(shared, SharedMemoryRecording) or np.dtype(shared.get_dtype()) != np.int16 or len(gain) != 1
+            or np.any(np.asarray(cache._kwargs["offset"]) != 0)):
+        return None
+    return shared, float(gain[0])
+
+
+def _cache_windows(cache):
+    """A reader of the sort's cache around given samples, or None when ``cache`` is not that
+    cache: ``windows(segment_index, sample_index, nbefore, nafter, channels)`` -> float32
+    ``[len(sample_index), nbefore + nafter, len(channels)]``, the values the cache's chunks hold
+    (the int16 steps times the step in float64, rounded to float32, as
+    :class:`spikevault.filters.OnePassScaleRecording` scales them), zeros beyond the segment's
+    ends (as SpikeInterface pads its chunks). It reads the shared memory in place: no pass over
+    the recording, no workers."""
+    parts = _cache_parts(cache)
+    if parts is None:
+        return None
+    shared, step = parts
+
+    def windows(segment_index, sample_index, nbefore, nafter, channels):
+        traces = shared.get_traces(segment_index=int(segment_index))  # the shared array itself
+        frames = np.asarray(sample_index, dtype=np.int64)[:, None] + np.arange(-nbefore, nafter)
+        inside = (frames >= 0) & (frames < len(traces))
+        steps = traces[np.where(inside, frames, 0)[:, :, None], np.asarray(channels)[None, None, :]]
+        out = (steps * step).astype(np.float32)
+        out[~inside] = 0.0
+        return out
+
+    return windows
 
 
 def _init_shared_writer(rec, names, shapes, dtype):

@@ -830,6 +830,50 @@ def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
     assert localization_tools.get_convolution_weights is _their_convolution_weights
 
 
+def test_grid_localisation_from_the_cache_windows_gives_the_pass_positions():
+    """The motion estimate reads each peak's window from the sort's in-memory cache instead of
+    a pass over the recording: the cache's own values (its chunks' bit for bit, zeros beyond the
+    ends), SpikeInterface's prototype bit for bit, and the pass's positions to float32 rounding,
+    with one thread or two."""
+    from spikeinterface.core.core_tools import ms_to_samples
+    from spikeinterface.sortingcomponents.peak_detection import detect_peaks
+    from spikeinterface.sortingcomponents.tools import get_prototype_and_waveforms_from_peaks
+
+    from inference.grid_localization import (GRID_MS_AFTER, GRID_MS_BEFORE, localize_grid_convolution,
+                                             prototype_from_windows)
+    from inference.sort import _cache, _cache_windows
+    from spikevault.extract import preprocess
+    from spikevault.synth import generate_recording
+
+    rec, _ = generate_recording(probe="dense64", duration_s=6.0, num_units=5, seed=3, drift_amplitude_um=15.0,
+                                drift_period_s=4.0)
+    prep = preprocess(rec)
+    assert _cache_windows(prep) is None  # not the cache: the pass
+    cached = _cache(prep, "memory", JOB)
+    windows = _cache_windows(cached)
+    traces = cached.get_traces()
+    frames = np.array([0, 3, 500, len(traces) - 2])
+    got = windows(0, frames, 5, 7, np.array([3, 0, 40]))
+    padded = np.concatenate([np.zeros((5, 64), np.float32), traces, np.zeros((7, 64), np.float32)])
+    assert got.dtype == np.float32
+    assert np.array_equal(got, np.stack([padded[f: f + 12][:, [3, 0, 40]] for f in frames]))
+
+    peaks = detect_peaks(cached, method="locally_exclusive", method_kwargs=dict(detect_threshold=5.0), job_kwargs=JOB)
+    assert len(peaks) > 100
+    fs = cached.get_sampling_frequency()
+    nbefore, nafter = ms_to_samples(GRID_MS_BEFORE, fs), ms_to_samples(GRID_MS_AFTER, fs)
+    theirs, _, _ = get_prototype_and_waveforms_from_peaks(cached, peaks, ms_before=GRID_MS_BEFORE,
+                                                          ms_after=GRID_MS_AFTER, seed=0, job_kwargs=JOB)
+    assert np.array_equal(prototype_from_windows(cached, peaks, windows, nbefore, nafter, seed=0), theirs,
+                          equal_nan=True)
+    by_pass = localize_grid_convolution(cached, peaks, JOB, seed=0)
+    for n_jobs in (1, 2):
+        ours = localize_grid_convolution(cached, peaks, {**JOB, "n_jobs": n_jobs}, seed=0, windows=windows)
+        for axis in ("x", "y", "z"):
+            assert np.allclose(ours[axis], by_pass[axis], rtol=0, atol=1e-3)
+        assert np.mean(ours["y"] == by_pass["y"]) > 0.3  # most equal bit for bit
+
+
 def test_grid_sub_weights_are_spikeinterfaces_array():
     """A peak channel's grid weights, gathered directly, are SpikeInterface's
     ``weights[:, channel_mask, :][:, :, nearest_mask]``: the same values with the same strides
