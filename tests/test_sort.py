@@ -192,6 +192,35 @@ def test_sort_with_a_model_checkpoint(easy, tiny_model, tmp_path):
     assert params["model"]["config"]["latent_dim"] == 6
 
 
+def test_embedding_in_threads_gives_the_values_of_one_thread():
+    """The encoder embeds blocks of whole batches in threads: the same batches, so the same
+    values bit for bit as one thread, in the events' order, the last block short."""
+    import torch
+
+    from inference.model import ModelConfig, SpikeVAE
+    from inference.sort import EMBED_BLOCK_BATCHES, _torch_threads, embed_events
+    from spikevault.schema import DEFAULT_SCHEMA
+
+    torch.manual_seed(0)
+    net = SpikeVAE(ModelConfig(latent_dim=6, conv_channels=(8, 16), channel_dim=16, attention_heads=2,
+                               decoder_hidden=32))
+    rng = np.random.default_rng(0)
+    n, batch = 3 * EMBED_BLOCK_BATCHES * 16 + 37, 16
+    K = DEFAULT_SCHEMA.num_channels
+    events = {"waveform": (20 * rng.standard_normal((n, DEFAULT_SCHEMA.num_samples, K))).astype(np.float16),
+              "channel_offsets_um": rng.uniform(-60, 60, (n, K, 2)).astype(np.float32),
+              "channel_mask": rng.random((n, K)) > 0.1}
+    one, rate = embed_events(net, events, batch_size=batch, n_threads=1)
+    two, _ = embed_events(net, events, batch_size=batch, n_threads=2)
+    assert one.shape == (n, 6) and rate > 0
+    assert np.array_equal(one, two)
+    with _torch_threads(1), torch.inference_mode():  # the first batch alone, on one torch thread
+        first = net.embed(torch.from_numpy(events["waveform"][:batch].astype(np.float32)),
+                          torch.from_numpy(events["channel_offsets_um"][:batch]),
+                          torch.from_numpy(events["channel_mask"][:batch])).float().numpy()
+    assert np.array_equal(one[:batch], first)
+
+
 def test_cli_sort(easy, tmp_path, capsys):
     from spikeinterface.core import load
 
