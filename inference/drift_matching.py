@@ -73,7 +73,7 @@ def extended_locations(channel_locations: np.ndarray, margin_um: float, dim: int
 
 def registered_templates(rec, motion, sample_index: np.ndarray, unit_index: np.ndarray, segment_index: np.ndarray,
                          num_units: int, nbefore: int, nafter: int, step_um: float, job_kwargs: dict,
-                         min_spikes: int = 50, sigma_um: float = 20.0, p: int = 2):
+                         min_spikes: int = 50, sigma_um: float = 20.0, p: int = 2, average=None):
     """Rest-frame templates on the probe extended beyond its ends, from the recorded traces.
 
     Each spike is read from ``rec`` (not motion corrected) and binned by the displacement at its
@@ -87,6 +87,9 @@ def registered_templates(rec, motion, sample_index: np.ndarray, unit_index: np.n
 
     Returns (dense templates [units, samples, extended locations] float32, extended locations,
     index of the real contacts among them, number of spikes behind each value [units, locations]).
+
+    ``average``, when given, stands in for ``estimate_templates`` (the same arguments as
+    :func:`inference.sort.average_spikes`).
     """
     from spikeinterface.core.waveform_tools import estimate_templates
     from spikeinterface.preprocessing import get_spatial_interpolation_kernel
@@ -109,8 +112,12 @@ def registered_templates(rec, motion, sample_index: np.ndarray, unit_index: np.n
     spikes["unit_index"] = pseudo_index
     spikes["segment_index"] = segment_index
     order = np.lexsort((spikes["sample_index"], spikes["segment_index"]))
-    jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
-    avg = estimate_templates(rec, spikes[order], np.arange(len(present)), nbefore, nafter, return_in_uV=False, **jk)
+    if average is not None:
+        avg = average(rec, spikes[order], len(present), nbefore, nafter, job_kwargs)
+    else:
+        jk = {k: v for k, v in job_kwargs.items() if k in ("n_jobs", "chunk_duration", "progress_bar")}
+        avg = estimate_templates(rec, spikes[order], np.arange(len(present)), nbefore, nafter, return_in_uV=False,
+                                 **jk)
     counts = np.bincount(pseudo_index, minlength=len(present)).astype(np.float64)
     margin = float(np.max(np.abs(grid))) + 1.0
     ext, real = extended_locations(loc, margin, dim)

@@ -903,6 +903,40 @@ def test_grid_localisation_from_the_cache_windows_gives_the_pass_positions():
         assert np.mean(ours["y"] == by_pass["y"]) > 0.3  # most equal bit for bit
 
 
+@pytest.mark.filterwarnings("ignore:The extractor is not serializable")
+def test_templates_from_the_cache_windows_are_spikeinterfaces_averages(easy):
+    """Templates are averaged from the cache's windows, not by a pass over the recording:
+    SpikeInterface's ``estimate_templates`` to float32 rounding, on two segments, with a unit
+    of no spikes, in one thread or two."""
+    from spikeinterface.core import append_recordings
+    from spikeinterface.core.waveform_tools import estimate_templates
+
+    from inference.sort import _cache, average_spikes
+    from spikevault.extract import preprocess
+
+    rec, _ = easy
+    prep = preprocess(rec)
+    two = append_recordings([prep.frame_slice(0, 150_000), prep.frame_slice(150_000, 300_000)])
+    cached = _cache(two, "memory", JOB)
+    rng = np.random.default_rng(0)
+    n = 700
+    spikes = np.zeros(n, dtype=[("sample_index", "int64"), ("unit_index", "int64"), ("segment_index", "int64")])
+    spikes["segment_index"] = rng.integers(0, 2, n)
+    spikes["sample_index"] = rng.integers(100, 150_000 - 100, n)
+    spikes["unit_index"] = rng.choice([0, 1, 3], n)  # unit 2 has none
+    spikes = spikes[np.lexsort((spikes["sample_index"], spikes["segment_index"]))]
+    theirs = estimate_templates(cached, spikes, np.arange(4), 30, 60, return_in_uV=False, **JOB)
+    ours = average_spikes(cached, spikes, 4, 30, 60, JOB)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+    assert not ours[2].any()
+    # blocks of spikes in two threads: the int16 sums are exact, so the same values
+    assert np.array_equal(average_spikes(cached, spikes, 4, 30, 60, {"n_jobs": 2}), ours)
+    assert np.array_equal(average_spikes(prep, spikes[spikes["segment_index"] == 0], 4, 30, 60, JOB),
+                          estimate_templates(prep, spikes[spikes["segment_index"] == 0], np.arange(4), 30, 60,
+                                             return_in_uV=False, **JOB))  # not the cache: SpikeInterface's
+
+
 def test_grid_sub_weights_are_spikeinterfaces_array():
     """A peak channel's grid weights, gathered directly, are SpikeInterface's
     ``weights[:, channel_mask, :][:, :, nearest_mask]``: the same values with the same strides
