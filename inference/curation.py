@@ -222,7 +222,7 @@ def _isocut(x: np.ndarray) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------ templates
 def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 300, seed: int = 0,
-                      min_coverage: float = 0.0):
+                      min_coverage: float = 0.0, pool: ThreadPoolExecutor | None = None):
     """Templates of every cluster on all probe channels (0 on channels carried by fewer than
     ``min_coverage`` of the cluster's events).
 
@@ -238,10 +238,13 @@ def compute_templates(events: EventSet, labels: np.ndarray, max_per_unit: int = 
     units = np.unique(labels[labels >= 0])
     templates = np.zeros((len(units), events.num_samples, events.num_channels), dtype=np.float32)
     counts = np.zeros(len(units), dtype=np.int64)
+    samples = []  # drawn in the units' order from the one generator, then averaged (in threads)
     for i, u in enumerate(units):
         idx = np.flatnonzero(labels == u)
         counts[i] = len(idx)
-        templates[i] = events.template(_sample(idx, max_per_unit, rng), min_coverage=min_coverage)
+        samples.append(_sample(idx, max_per_unit, rng))
+    for i, t in enumerate(_map(pool, lambda idx: events.template(idx, min_coverage=min_coverage), samples)):
+        templates[i] = t
     return units, templates, counts
 
 
@@ -349,18 +352,25 @@ def _map(pool: ThreadPoolExecutor | None, fn, *iterables) -> list:
 
 
 # ------------------------------------------------------------------------------------ merge
-def _similarity(t1: np.ndarray, t2: np.ndarray, max_shift: int = 2) -> tuple[float, int]:
-    """Best cosine similarity of two ``[T, C]`` templates over time shifts, and that shift
-    (``t1[s:]`` matches ``t2[:-s]`` for s > 0)."""
-    best, best_s = -1.0, 0
-    T = t1.shape[0]
+def _similarities(templates: np.ndarray, max_shift: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Best cosine similarity over time shifts of every pair of ``[U, T, C]`` templates, and that
+    shift: ``[U, U]`` arrays, entry ``[i, j]`` for ``t1 = templates[i]``, ``t2 = templates[j]``,
+    where shift s > 0 compares ``t1[s:]`` with ``t2[:-s]`` (-1 and shift 0 when every shift has a
+    zero norm). One matrix product per shift, in float64 (a product and two norms per pair and
+    shift in float32 took 0.24 s for drift64's 3,000 pairs)."""
+    units, T = templates.shape[:2]
+    flat = templates.astype(np.float64)
+    best = np.full((units, units), -1.0)
+    best_shift = np.zeros((units, units), dtype=np.int64)
     for s in range(-max_shift, max_shift + 1):
-        a = t1[max(0, s): T + min(0, s)]
-        b = t2[max(0, -s): T + min(0, -s)]
-        den = np.linalg.norm(a) * np.linalg.norm(b)
-        if den > 0 and float(np.sum(a * b) / den) > best:
-            best, best_s = float(np.sum(a * b) / den), s
-    return best, best_s
+        a = flat[:, max(0, s): T + min(0, s)].reshape(units, -1)
+        b = flat[:, max(0, -s): T + min(0, -s)].reshape(units, -1)
+        den = np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(b, axis=1)[None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sim = np.where(den > 0, (a @ b.T) / den, -np.inf)
+        better = sim > best
+        best[better], best_shift[better] = sim[better], s
+    return best, best_shift
 
 
 def _merge_test(events: EventSet, ia: np.ndarray, ib: np.ndarray, ta, tb, shift: int, p: CurationParams,
@@ -450,20 +460,20 @@ def merge_clusters(events: EventSet, labels: np.ndarray, p: CurationParams,
     tested: dict[tuple, bool] = {}
     window = MERGE_WINDOW if pool is not None else 1
     while True:
-        units, templates, counts = compute_templates(events, labels, seed=p.seed)
+        units, templates, counts = compute_templates(events, labels, seed=p.seed, pool=pool)
         if len(units) < 2:
             break
         peak_ch = np.argmax(np.ptp(templates, axis=1), axis=1)
         peak_xy = events.channel_locations[peak_ch]
         peak_amp = np.ptp(templates, axis=1).max(axis=1)
+        sims, shifts = _similarities(templates, p.max_shift)
         pairs = []
         for i in range(len(units)):
             for j in range(i + 1, len(units)):
                 if np.linalg.norm(peak_xy[i] - peak_xy[j]) > p.merge_radius_um:
                     continue
-                sim, shift = _similarity(templates[i], templates[j], p.max_shift)
-                if sim >= min(p.merge_min_similarity, p.merge_time_similarity):
-                    pairs.append((sim, i, j, shift))
+                if sims[i, j] >= min(p.merge_min_similarity, p.merge_time_similarity):
+                    pairs.append((float(sims[i, j]), i, j, int(shifts[i, j])))
         pairs.sort(reverse=True)
         members = {k: np.flatnonzero(labels == units[k]) for k in sorted({k for _, i, j, _ in pairs for k in (i, j)})}
 

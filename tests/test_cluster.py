@@ -182,6 +182,46 @@ def test_merge_window_passes_over_pairs_whose_cluster_merged_earlier_in_it():
     assert len(np.unique(one[0][truth == 0])) == 1 and len(np.unique(one[0])) == 2
 
 
+def test_template_similarities_are_each_pairs_best_shifted_cosine():
+    """Every pair's best cosine over shifts, from one matrix product per shift: the per-pair
+    definition (t1[s:] against t2[:-s] for s > 0), to float32 rounding; a zero template is
+    similar to nothing."""
+    from inference.curation import _similarities
+
+    rng = np.random.default_rng(0)
+    templates = rng.standard_normal((6, 20, 5)).astype(np.float32)
+    templates[3] = np.roll(templates[1], 2, axis=0)  # unit 1 two samples later
+    templates[4] = 0.0
+    sims, shifts = _similarities(templates, max_shift=2)
+    for i in range(6):
+        for j in range(6):
+            best, best_s = -1.0, 0
+            for s in range(-2, 3):
+                a = templates[i][max(0, s): 20 + min(0, s)].astype(np.float64)
+                b = templates[j][max(0, -s): 20 + min(0, -s)].astype(np.float64)
+                den = np.linalg.norm(a) * np.linalg.norm(b)
+                if den > 0 and np.sum(a * b) / den > best:
+                    best, best_s = np.sum(a * b) / den, s
+            assert abs(sims[i, j] - best) < 1e-6 and shifts[i, j] == best_s
+    assert shifts[3, 1] == 2 and sims[3, 1] > 0.8  # t1[2:] matches t2[:-2]
+    assert np.all(sims[4] == -1.0) and np.all(sims[:, 4] == -1.0)
+
+
+def test_cluster_templates_in_threads_are_those_of_one():
+    """Cluster templates are averaged in threads from subsets drawn in order from one
+    generator: the same as in one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.curation import compute_templates
+
+    events, truth = _event_set()
+    labels = truth * 3 + np.arange(len(truth)) % 3
+    one = compute_templates(events, labels, max_per_unit=20, seed=1)
+    with ThreadPoolExecutor(2) as pool:
+        two = compute_templates(events, labels, max_per_unit=20, seed=1, pool=pool)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two)) and len(one[0]) == 6
+
+
 def test_noise_rejection_reads_the_channels_most_events_carry():
     """A unit whose trough reaches a far channel earlier (a propagating spike) is kept: that channel
     is carried only by the tenth of its events detected nearest to it, and its mean there, though
