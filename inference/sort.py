@@ -584,8 +584,8 @@ def embed_events(net, events: dict, batch_size: int = 128, n_threads: int = 1) -
     ``EMBED_BLOCK_BATCHES`` at a time, each on one torch thread (torch releases the GIL in its
     operators). The batches are the same as in one thread, and so are the values. torch's own
     intra-op threads on a batch of 128 events synchronise at every operator: on drift64's
-    34,500 events two intra-op threads embedded 15-17k events/s, two threads of batches 17-18k
-    with less CPU time.
+    34,500 events (five interleaved pairs) two intra-op threads embedded 9.7-15.4k events/s,
+    two threads of batches 13.9-16.0k, with less CPU time.
 
     Returns the ``[N, D]`` float32 embedding and the throughput in events per second.
     """
@@ -1112,8 +1112,8 @@ def average_spikes(rec, spikes: np.ndarray, num_units: int, nbefore: int, nafter
     (``spikes``: a spike vector, ``unit_index`` in ``range(num_units)``).
 
     From the sort's cache (:func:`_cache_windows`), the spikes' windows are read where they are,
-    not by a pass over the whole recording in the workers (drift64: 0.4 s for its 15,000
-    spikes), their int16 steps summed exactly and scaled once (SpikeInterface sums the scaled
+    not by a pass over the whole recording in the workers (18,000 spikes on drift64: 0.09-0.14
+    s against the pass's 0.9-1.0 s), their int16 steps summed exactly and scaled once (SpikeInterface sums the scaled
     values in float32: the averages agree to float32 rounding). Otherwise SpikeInterface's
     ``estimate_templates``."""
     windows = _cache_windows(rec)
