@@ -267,3 +267,25 @@ def test_strict_peaks_are_wobbles():
         for order in (1, 2, 5, 89):
             for threshold in (-np.inf, 0.0, 0.5, np.float64(0.3), 25.1):
                 assert np.array_equal(find_strict_peaks(x, order, threshold), _find_strict_peaks(x, order, threshold))
+
+
+def test_transpose_into_and_flush_subnormals():
+    """The blocked transpose is ``x.T`` for any length (blocks and a partial last one, or none);
+    only subnormal values are flushed, and a product with them flushed is the same."""
+    from inference.fast_wobble import TRANSPOSE_BLOCK_ROWS, flush_subnormals, transpose_into
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, TRANSPOSE_BLOCK_ROWS, 3 * TRANSPOSE_BLOCK_ROWS + 5):
+        x = rng.standard_normal((n, 7)).astype(np.float32)
+        out = np.full((7, n + 4), 9.0, np.float32)
+        transpose_into(out, x)
+        assert np.array_equal(out[:, :n], x.T) and np.all(out[:, n:] == 9.0)
+    tiny = np.finfo(np.float32).tiny
+    w = rng.standard_normal((6, 20)).astype(np.float32)
+    w[0, :4] = np.array([tiny / 2, -tiny / 8, 1e-45, tiny], np.float32)  # three subnormals, one normal
+    flushed = flush_subnormals(w)
+    assert flushed.dtype == np.float32
+    assert np.array_equal(flushed[0, :4], np.array([0, 0, 0, tiny], np.float32))
+    assert np.array_equal(flushed[:, 4:], w[:, 4:]) and np.array_equal(flushed[1:], w[1:])
+    x = rng.standard_normal((20, 300)).astype(np.float32)
+    assert np.array_equal(flushed @ x, w @ x)
