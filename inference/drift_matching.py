@@ -162,6 +162,13 @@ def displacement_grid(motion, step_um: float) -> np.ndarray:
     return np.round(np.arange(lo, hi + step_um / 2, step_um), 6)
 
 
+#: Displacements whose temporal spectra and buffers a :class:`DriftingWobble` worker keeps (the
+#: ones it used last). A chunk at another displacement recomputes them (drift64: 5 ms; 12 MB of
+#: spectra and an 8 MB buffer per displacement).
+KEPT_ENGINES = 3
+#: Memory the temporal spectra of every displacement may take, computed once before the workers
+#: start (:meth:`DriftingWobble.pin_spectra`; drift64's 22 displacements: 270 MB).
+PINNED_SPECTRA_BYTES = 512e6
 #: :class:`DriftingWobble` leaves a unit out at a displacement where its moved template's squared
 #: norm (whitened) is below this fraction of its rest norm and below this many times the threshold.
 OUT_OF_REACH_FRACTION = 0.25
@@ -243,13 +250,35 @@ class DriftingWobble(BaseTemplateMatching):
         else:
             built = [precompute(white_and_refit) for white_and_refit in sets]
         self.engines = [None if e is None else built[e] for e in self.engines]
-        self._current = 0
+        self._recent: list[int] = []  # engine indices, the last used last
         self.margin = built[0].get_margin() if built else 300  # wobble's own margin
         self.nbefore = templates.nbefore
         self.nafter = templates.nafter
 
     def get_margin(self):
         return self.margin
+
+    def pin_spectra(self, chunk_size: int, max_bytes: float = PINNED_SPECTRA_BYTES, n_threads: int = 1) -> int:
+        """Compute every displacement's temporal spectra for chunks of ``chunk_size`` samples now
+        (:meth:`inference.fast_wobble.FftWobbleMatch.pin_spectra`), when they take at most
+        ``max_bytes`` together. Called before the workers are forked, they share these pages
+        instead of each recomputing a displacement's spectra whenever its chunks move to another
+        (drift64: 88 of 300 chunks, 9 ms each). Returns the bytes pinned (0 when over the bound)."""
+        engines = [e for e in self.engines if e is not None]
+        if not engines:
+            return 0
+        rank, units, _ = engines[0].template_data.compressed_templates[0].shape
+        samples = int(chunk_size) + 2 * self.get_margin()
+        # each [rank, units, n/2 + 1] complex64, with at most as many units as the first has
+        estimate = 8.0 * rank * units * (samples // 2 + 1) * len(engines)
+        if estimate > max_bytes:
+            return 0
+        if n_threads > 1 and len(engines) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(n_threads) as pool:
+                return int(sum(pool.map(lambda engine: engine.pin_spectra(samples), engines)))
+        return int(sum(engine.pin_spectra(samples) for engine in engines))
 
     def engine_for(self, start_frame: int, end_frame: int, segment_index: int) -> int:
         """Index of the grid displacement nearest the motion at the chunk's centre."""
@@ -262,10 +291,14 @@ class DriftingWobble(BaseTemplateMatching):
         from spikeinterface.sortingcomponents.matching.base import _base_matching_dtype
 
         index = self.engine_for(start_frame, end_frame, segment_index)
-        if index != self._current and self.engines[self._current] is not None:
-            # one displacement's cached spectra at a time in each worker, not one per displacement
-            self.engines[self._current].release()
-        self._current = index
+        # the cached spectra of the KEPT_ENGINES displacements used last, not one per displacement
+        if index in self._recent:
+            self._recent.remove(index)
+        self._recent.append(index)
+        if len(self._recent) > KEPT_ENGINES:
+            dropped = self._recent.pop(0)
+            if self.engines[dropped] is not None:
+                self.engines[dropped].release()
         if self.engines[index] is None:
             return np.zeros(0, dtype=_base_matching_dtype)
         spikes = self.engines[index].compute_matching(traces, start_frame, end_frame, segment_index)

@@ -83,7 +83,8 @@ class FftWobbleMatch(WobbleMatch):
                              engine="numpy", shared_memory=shared_memory)
         finally:
             wobble.convolve_templates = original
-        self._spectra: tuple[int, np.ndarray] | None = None
+        self._spectra: tuple[tuple, np.ndarray] | None = None
+        self._pinned: tuple[tuple, np.ndarray] | None = None
         self._overlap_units: tuple[np.ndarray, np.ndarray] | None = None
         self._spans: list | bool | None = None
         self._padded: np.ndarray | None = None
@@ -108,25 +109,17 @@ class FftWobbleMatch(WobbleMatch):
         fewer channels than rows (drift64: 64 channels, 175 rows) the channels are transformed and
         filtered in the frequency domain (:meth:`_filtered_spectra`), otherwise the filtered rows
         (np384: 384 channels, 200 rows); the same sums to float32 rounding."""
-        temporal, singular, _, _ = self.template_data.compressed_templates
+        temporal, _, _, _ = self.template_data.compressed_templates
         spatial = self._spatial
         rank, units, width = temporal.shape
         t, channels = traces.shape
         length = t + width - 1
-        n = sfft.next_fast_len(length, real=True)
-        by_channel = channels < rank * units
-        if self._spectra is None or self._spectra[0] != (n, by_channel):
-            # the temporal components' spectra for this transform length (one length for every
-            # full chunk; [rank, units, n/2 + 1] complex64, 18 MB for 30 units at 1 s chunks),
-            # unit-major when the spatial filtering makes them so
-            spectra = sfft.rfft((temporal * singular).astype(np.float32), n, axis=2)
-            if by_channel:
-                spectra = np.ascontiguousarray(spectra.transpose(1, 0, 2))
-            self._spectra = ((n, by_channel), spectra)
+        n, by_channel = self._transform(t, channels)
+        temporal_spectra = self._temporal_spectra(n, by_channel)
         spans = self._channel_spans()
         if by_channel:
             spectrum = self._filtered_spectra(traces, n, spans)  # [units, rank, n/2 + 1]
-            spectrum *= self._spectra[1]
+            spectrum *= temporal_spectra
             summed = spectrum.sum(axis=1)
         else:
             # the spatially filtered rows, zero-padded to the transform length in a buffer kept
@@ -138,9 +131,39 @@ class FftWobbleMatch(WobbleMatch):
                 for unit, (first, stop) in enumerate(spans):
                     filtered[:, unit, :t] = spatial[:, unit, first:stop] @ traces[:, first:stop].T
             spectrum = sfft.rfft(filtered, axis=2)
-            spectrum *= self._spectra[1]
+            spectrum *= temporal_spectra
             summed = spectrum.sum(axis=0)
         return sfft.irfft(summed, n, axis=1, overwrite_x=True)[:, :length].astype(np.float32, copy=False)
+
+    def _transform(self, samples: int, channels: int) -> tuple[int, bool]:
+        """(transform length, whether the channels are transformed) for a chunk of ``samples``."""
+        rank, units, width = self.template_data.compressed_templates[0].shape
+        return sfft.next_fast_len(samples + width - 1, real=True), channels < rank * units
+
+    def _temporal_spectra(self, n: int, by_channel: bool) -> np.ndarray:
+        """The temporal components' spectra for transform length ``n``: ``[rank, units, n/2 + 1]``
+        complex64 (18 MB for 30 units at 1 s chunks), unit-major when the spatial filtering is
+        applied to the channels' spectra. Pinned ones (:meth:`pin_spectra`) when their length;
+        otherwise computed and kept for the next chunk (one length for every full chunk)."""
+        key = (n, by_channel)
+        if self._pinned is not None and self._pinned[0] == key:
+            return self._pinned[1]
+        if self._spectra is None or self._spectra[0] != key:
+            temporal, singular, _, _ = self.template_data.compressed_templates
+            spectra = sfft.rfft((temporal * singular).astype(np.float32), n, axis=2)
+            if by_channel:
+                spectra = np.ascontiguousarray(spectra.transpose(1, 0, 2))
+            self._spectra = (key, spectra)
+        return self._spectra[1]
+
+    def pin_spectra(self, samples: int) -> int:
+        """Compute the temporal spectra for chunks of ``samples`` (margins included) now, and keep
+        them through :meth:`release`. Returns their size in bytes."""
+        key = self._transform(samples, self.recording.get_num_channels())
+        self._pinned = None
+        self._pinned = (key, self._temporal_spectra(*key))
+        self._spectra = None
+        return self._pinned[1].nbytes
 
     def _filtered_spectra(self, traces: np.ndarray, n: int, spans) -> np.ndarray:
         """The spectra [units, rank, n/2 + 1] of the spatially filtered rows, from the channels'
@@ -186,7 +209,8 @@ class FftWobbleMatch(WobbleMatch):
         return self._spans or None
 
     def release(self):
-        """Drop the cached temporal spectra and padding buffer (remade on the next chunk)."""
+        """Drop the cached temporal spectra (not the pinned ones) and the padding buffer (remade on
+        the next chunk)."""
         self._spectra = None
         self._padded = None
 
@@ -398,24 +422,52 @@ def refit_amplitudes(traces: np.ndarray, starts: np.ndarray, units: np.ndarray, 
     displacement).
 
     ``templates`` [units, samples, channels] are zero off each unit's channels; ``starts`` sorted
-    (windows may run past the traces' ends, which count as zeros).
+    (windows may run past the traces' ends, which count as zeros). The inner products (each
+    spike's with the traces, each overlapping pair's) are one numba loop, summed in float64
+    (:func:`_refit_terms_py`; a NumPy sum per spike and per pair took 2.4 ms of drift64's 25 ms
+    per 1 s chunk).
     """
-    n, width = len(starts), templates.shape[1]
+    from spikevault.filters import _compiled
+
+    if len(starts) == 0:
+        return np.zeros(0)
+    b, gram = _compiled(_refit_terms_py)(np.ascontiguousarray(traces, dtype=np.float32),
+                                         np.ascontiguousarray(starts, dtype=np.int64),
+                                         np.ascontiguousarray(units, dtype=np.int64),
+                                         np.ascontiguousarray(templates, dtype=np.float32))
+    # least squares, not solve: two near-identical templates at one time make the system singular
+    return np.linalg.lstsq(gram, b, rcond=None)[0]
+
+
+def _refit_terms_py(traces, starts, units, templates):
+    """The normal equations of :func:`refit_amplitudes` (numba): ``b[i]``, spike ``i``'s template
+    against the traces (beyond their ends zeros), and the Gram matrix of the templates as placed
+    (nonzero only for spikes less than a template's length apart), sums in float64."""
+    n, width, channels = len(starts), templates.shape[1], templates.shape[2]
     b = np.zeros(n)
-    for i in range(n):
-        s = int(starts[i])
-        lo, hi = max(s, 0), min(s + width, len(traces))
-        if hi > lo:
-            b[i] = np.sum(traces[lo:hi] * templates[units[i], lo - s: hi - s])
     gram = np.zeros((n, n))
-    norms = np.sum(templates.astype(np.float64) ** 2, axis=(1, 2))
-    gram[np.arange(n), np.arange(n)] = norms[units]
     for i in range(n):
+        s = starts[i]
+        lo, hi = max(s, 0), min(s + width, traces.shape[0])
+        total = 0.0
+        for t in range(lo, hi):
+            for c in range(channels):
+                total += np.float64(traces[t, c]) * np.float64(templates[units[i], t - s, c])
+        b[i] = total
+        norm = 0.0
+        for t in range(width):
+            for c in range(channels):
+                v = np.float64(templates[units[i], t, c])
+                norm += v * v
+        gram[i, i] = norm
         j = i + 1
         while j < n and starts[j] - starts[i] < width:
             lag = starts[j] - starts[i]
-            g = np.sum(templates[units[i], lag:] * templates[units[j], : width - lag])
-            gram[i, j] = gram[j, i] = g
+            total = 0.0
+            for t in range(lag, width):
+                for c in range(channels):
+                    total += np.float64(templates[units[i], t, c]) * np.float64(templates[units[j], t - lag, c])
+            gram[i, j] = total
+            gram[j, i] = total
             j += 1
-    # least squares, not solve: two near-identical templates at one time make the system singular
-    return np.linalg.lstsq(gram, b, rcond=None)[0]
+    return b, gram

@@ -1389,6 +1389,10 @@ def _drifting_wobble(templates, drift: DriftInfo, job_kwargs: dict, params: dict
                           step_um=drift.step_um, parameters=params, source=(drift.dense, drift.locations),
                           min_norm_sq=WOBBLE_THRESHOLD, n_threads=job_kwargs.get("n_jobs", 1))
     try:
+        from spikeinterface.core.job_tools import ensure_chunk_size, fix_job_kwargs
+
+        node.pin_spectra(ensure_chunk_size(drift.recording, **fix_job_kwargs(job_kwargs)),
+                         n_threads=job_kwargs.get("n_jobs", 1))
         spikes = _run_pipeline(drift.recording, [node], job_kwargs, job_name="find spikes (wobble, drifting templates)",
                                squeeze_output=True, while_running=while_running)
     finally:
