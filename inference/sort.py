@@ -426,7 +426,18 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             if _matches_recorded_traces(p, motion) or not _correct_cache_in_place(rec, corrected, job_kwargs):
                 rec = corrected
             motion_info["written_over_cache"] = rec is not corrected
-            events = extract_events(rec, **extract_kw)
+            windows = _cache_windows(recorded) if rec is corrected else None
+            if windows is not None:
+                # the traces are interpolated lazily: the recorded events' windows are, not every sample
+                from spikevault.extract import event_noise_levels
+
+                from .interpolation import interpolated_events
+
+                noise = event_noise_levels(rec, n_threads=job_kwargs.get("n_jobs", 1))
+                events = interpolated_events(events, channel_index, windows, rec, schema, eparams, noise,
+                                             n_threads=job_kwargs.get("n_jobs", 1))
+            else:
+                events = extract_events(rec, **extract_kw)
             _check_enough_events(events, name, eparams)
             channel_index = _channel_index(events, rec)
             positions = localize_events(events, rec.get_channel_locations(), channel_index)

@@ -684,8 +684,6 @@ def iter_event_blocks(
     from spikeinterface.core.job_tools import fix_job_kwargs, job_keys
     from spikeinterface.sortingcomponents.peak_detection.method_list import detect_peak_methods
 
-    from .filters import mad_noise_levels
-
     cache_spikeinterface_kernels()  # the detector's kernel: compiled once per machine, not per worker
 
     fs = float(rec.get_sampling_frequency())
@@ -698,11 +696,7 @@ def iter_event_blocks(
     jk["chunk_duration"] = params.chunk_duration
     jk = fix_job_kwargs(jk)
 
-    # 20 random chunks of 0.1 s per segment: 2 s of data per segment is plenty for a MAD estimate
-    noise_chunk = int(min(fs * 0.1, min(rec.get_num_samples(s) for s in range(rec.get_num_segments())) - 1))
-    # SpikeInterface's get_noise_levels (MAD, seeded chunks), the same values, faster
-    noise_levels = mad_noise_levels(rec, num_chunks_per_segment=20, chunk_size=max(noise_chunk, 1), seed=0,
-                                    n_threads=int(jk.get("n_jobs", 1))).astype("float32")
+    noise_levels = event_noise_levels(rec, n_threads=int(jk.get("n_jobs", 1)))
     # a dead channel (zero noise) would detect every sample: give it an infinite threshold
     detect_noise = np.where(noise_levels > 0, noise_levels, np.inf).astype("float32")
 
@@ -727,6 +721,18 @@ def iter_event_blocks(
                    label_source=label_source, probe_name=probe_name)
     # everything above ran eagerly (bad input raises at the call); the pass itself runs on iteration
     return _run_and_read(rec, [detector, node], jk, where, schema, block_size, tmp_folder, context)
+
+
+def event_noise_levels(rec, n_threads: int = 1) -> np.ndarray:
+    """Each channel's noise level (float32) as the events carry it and detection thresholds it:
+    SpikeInterface's ``get_noise_levels`` (MAD) on 20 seeded chunks of 0.1 s per segment, 2 s of
+    data per segment (plenty for a MAD estimate), the same values, faster."""
+    from .filters import mad_noise_levels
+
+    fs = rec.get_sampling_frequency()
+    chunk = int(min(fs * 0.1, min(rec.get_num_samples(s) for s in range(rec.get_num_segments())) - 1))
+    return mad_noise_levels(rec, num_chunks_per_segment=20, chunk_size=max(chunk, 1), seed=0,
+                            n_threads=n_threads).astype("float32")
 
 
 def _run_and_read(rec, nodes, jk, where, schema, block_size, tmp_folder, context):

@@ -119,3 +119,53 @@ def test_motion_correction_written_over_the_cache_equals_the_lazy_correction(n_j
     assert np.max(np.abs(got - expected)) <= 0.5 * step * (1 + 1e-4)
     assert np.allclose(got / step, np.round(got / step), atol=1e-3)  # whole steps, as cached
     assert not _correct_cache_in_place(rec, KrigingMotionRecording(rec, motion, **kw), jk)  # not a cache
+
+
+def test_interpolated_events_are_those_the_corrected_traces_show():
+    """The recorded events, interpolated window by window, have the waveforms, peak channels and
+    amplitudes that extraction from the lazily corrected traces gives the same spikes (the same
+    kernels; float16 waveforms), in the recorded events' order and times."""
+    from inference.interpolation import PEAK_SHIFT, KrigingMotionRecording, interpolated_events
+    from inference.sort import _cache, _cache_windows, _channel_index
+    from spikevault.extract import ExtractParams, event_noise_levels, extract_events, preprocess
+    from spikevault.schema import DEFAULT_SCHEMA
+    from spikevault.synth import generate_recording
+
+    raw, _ = generate_recording(probe="dense64", duration_s=6.0, num_units=6, seed=11)
+    params = ExtractParams()
+    jk = {"n_jobs": 1, "progress_bar": False}
+    cache = _cache(preprocess(raw, params), "memory", jk)
+    motion = _motion(cache, rigid=True, bin_s=1.0)
+    corrected = KrigingMotionRecording(cache, motion, border_mode="force_extrapolate",
+                                       spatial_interpolation_method="kriging", sigma_um=20.0, p=2)
+    kw = dict(schema=DEFAULT_SCHEMA, params=params, recording_id="t", preprocessed=True, job_kwargs=jk)
+    recorded = extract_events(cache, **kw)
+    noise = event_noise_levels(corrected)
+    got = interpolated_events(recorded, _channel_index(recorded, cache), _cache_windows(cache), corrected,
+                              DEFAULT_SCHEMA, params, noise, n_threads=2)
+    assert len(recorded["waveform"]) > 100 and len(got["waveform"]) == len(recorded["waveform"])  # none merged here
+    shift = got["sample_index"] - recorded["sample_index"]
+    assert np.all(np.abs(shift) <= PEAK_SHIFT) and np.any(shift != 0) and np.all(np.diff(got["sample_index"]) >= 0)
+    assert got["waveform"].dtype == np.float16 and got["waveform"].shape == recorded["waveform"].shape
+    assert np.array_equal(got["noise_level_uv"], noise[_channel_index(got, corrected)])
+
+    want = extract_events(corrected, **kw)
+    key = {(int(s), str(c)): i for i, (s, c) in enumerate(zip(want["sample_index"], want["peak_channel_id"]))}
+    pairs = [(i, key[(int(s), str(c))]) for i, (s, c) in enumerate(zip(got["sample_index"], got["peak_channel_id"]))
+             if (int(s), str(c)) in key]
+    assert len(pairs) > 0.9 * len(want["waveform"])  # the same spike, peaking on the same contact and sample
+    mine, theirs = np.array(pairs).T
+    # the corrected traces change kernel at each motion bin's edge; an event's window takes its
+    # peak's kernel throughout: compared where the window lies within one bin
+    edges = corrected.segments[0].interpolation_time_bin_edges_s * FS
+    first = got["sample_index"][mine] - DEFAULT_SCHEMA.nbefore - PEAK_SHIFT
+    one_bin = np.searchsorted(edges, first, side="right") == np.searchsorted(
+        edges, first + DEFAULT_SCHEMA.num_samples + 2 * PEAK_SHIFT, side="right")
+    assert one_bin.mean() > 0.9
+    mine, theirs = mine[one_bin], theirs[one_bin]
+    scale = np.abs(want["waveform"][theirs].astype(np.float32)).max()
+    diff = np.abs(got["waveform"][mine].astype(np.float32) - want["waveform"][theirs].astype(np.float32))
+    assert diff.max() < 2e-3 * scale  # float16 rounding
+    assert np.allclose(got["amplitude_uv"][mine], want["amplitude_uv"][theirs], rtol=1e-4, atol=1e-3)
+    for field in ("channel_offsets_um", "channel_mask"):
+        assert np.array_equal(got[field][mine], want[field][theirs])
