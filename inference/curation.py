@@ -568,6 +568,18 @@ def reject_noise(
     return labels, reason
 
 
+def _partition(labels: np.ndarray) -> np.ndarray:
+    """``labels`` renumbered by first appearance (``-1`` kept): equal for two labellings exactly
+    when they group the events alike, whatever the cluster ids."""
+    out = np.full(len(labels), -1, dtype=np.int64)
+    kept = labels >= 0
+    _, first, inverse = np.unique(labels[kept], return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    out[kept] = rank[inverse]
+    return out
+
+
 def curate(
     events: EventSet,
     labels: np.ndarray,
@@ -608,6 +620,7 @@ def curate(
     for u in units[counts < p.min_cluster_size // 2]:
         labels[labels == u] = -1
     split_memo: dict = {}
+    before_last = None  # the clusters two rounds ago
     with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as pool:
         for r in range(p.max_rounds):
             start = labels
@@ -621,6 +634,13 @@ def curate(
                 break  # every split merged back: each further round would repeat this one
             if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
                 break  # split/merge ping-pong: stable enough
+            clusters = _partition(labels)
+            if before_last is not None and np.array_equal(clusters, before_last):
+                # the clusters of two rounds ago again: the rounds alternate between two states
+                # (a split undone by a merge each other round), and the same tests (split results
+                # are memoised) would repeat them to the last round
+                break
+            before_last, last = (None, clusters) if r == 0 else (last, clusters)
     before = labels.copy()
     labels, reason = reject_noise(events, labels, duration_s, nbefore, p)
     out = np.full(len(labels), -1, dtype=np.int64)

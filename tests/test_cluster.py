@@ -164,6 +164,19 @@ def test_curation_threads_give_the_same_labels_as_one():
         assert one[2]["final_clusters"] == 2
 
 
+def test_partitions_compare_groupings_whatever_the_cluster_ids():
+    """Curation stops when the clusters of two rounds ago come back: the comparison is of how
+    the events are grouped (and which are unassigned), not of the ids."""
+    from inference.curation import _partition
+
+    a = np.array([5, 5, -1, 2, 9, 2, 5])
+    assert np.array_equal(_partition(a), [0, 0, -1, 1, 2, 1, 0])
+    assert np.array_equal(_partition(np.array([7, 7, -1, 0, 3, 0, 7])), _partition(a))  # renamed
+    assert not np.array_equal(_partition(np.array([7, 7, 0, 0, 3, 0, 7])), _partition(a))  # one more assigned
+    assert not np.array_equal(_partition(np.array([7, 7, -1, 0, 3, 3, 7])), _partition(a))  # regrouped
+    assert np.array_equal(_partition(np.array([-1, -1])), [-1, -1])
+
+
 def test_merge_window_passes_over_pairs_whose_cluster_merged_earlier_in_it():
     """Threads decide MERGE_WINDOW pairs at a time; pairs sharing a cluster with an earlier merge
     in the window are passed over, as one at a time: a unit in four pieces merges alike."""
