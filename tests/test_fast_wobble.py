@@ -289,3 +289,26 @@ def test_transpose_into_and_flush_subnormals():
     assert np.array_equal(flushed[:, 4:], w[:, 4:]) and np.array_equal(flushed[1:], w[1:])
     x = rng.standard_normal((20, 300)).astype(np.float32)
     assert np.array_equal(flushed @ x, w @ x)
+
+
+def test_pinned_spectra_give_the_same_objective_and_outlive_release(recording_and_templates):
+    """Spectra pinned for a chunk length before the pass are those the objective would compute;
+    release() drops the per-chunk ones, not the pinned; another length computes its own."""
+    from inference.fast_wobble import FftWobbleMatch
+
+    rec, templates = recording_and_templates
+    fast = FftWobbleMatch(rec, templates, parameters={"threshold": 25.0})
+    try:
+        traces = rec.get_traces(start_frame=0, end_frame=20_000).astype(np.float32)
+        want = fast.objective(traces)
+        fast.release()
+        assert fast.pin_spectra(len(traces)) > 0
+        fast.release()
+        assert fast._pinned is not None and fast._spectra is None
+        assert np.array_equal(fast.objective(traces), want)
+        assert fast._spectra is None  # read from the pinned ones
+        shorter = fast.objective(traces[:15_000])
+        assert fast._spectra is not None and fast._pinned is not None
+        assert np.max(np.abs(shorter - want[:, : shorter.shape[1]])[:, :14_000]) < 1e-4 * np.max(np.abs(want))
+    finally:
+        fast.clean()
