@@ -116,16 +116,18 @@ def _initial_state(sos_bytes: bytes, n_sections: int) -> np.ndarray:
 _COMPILED: dict = {}
 
 
-def _compiled(func):
-    """``func`` compiled by numba, on first use (numba's on-disk cache makes that a load)."""
-    if func not in _COMPILED:
+def _compiled(func, fastmath: bool = False):
+    """``func`` compiled by numba, on first use (numba's on-disk cache makes that a load).
+    ``fastmath`` lets it reorder floating-point sums (vectorised reductions): only for kernels
+    whose result may change by rounding."""
+    if (func, fastmath) not in _COMPILED:
         import numba
 
         try:
-            _COMPILED[func] = numba.njit(cache=True, nogil=True)(func)
+            _COMPILED[func, fastmath] = numba.njit(cache=True, nogil=True, fastmath=fastmath)(func)
         except RuntimeError:  # no writable cache location
-            _COMPILED[func] = numba.njit(nogil=True)(func)
-    return _COMPILED[func]
+            _COMPILED[func, fastmath] = numba.njit(nogil=True, fastmath=fastmath)(func)
+    return _COMPILED[func, fastmath]
 
 
 def _sosfiltfilt_py(sos, zi, x, edge):
