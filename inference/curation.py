@@ -655,10 +655,11 @@ def curate(
             if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
                 break  # split/merge ping-pong: stable enough
             clusters = _partition(labels)
-            if before_last is not None and np.array_equal(clusters, before_last):
+            if (before_last is not None and np.array_equal(clusters, before_last)
+                    and (p.max_rounds - 1 - r) % 2 == 0):
                 # the clusters of two rounds ago again: the rounds alternate between two states
-                # (a split undone by a merge each other round), and the same tests (split results
-                # are memoised) would repeat them to the last round
+                # (a split undone by a merge each other round), and the same tests (memoised)
+                # would repeat them to the last round, which would end on these (the parity)
                 break
             before_last, last = (None, clusters) if r == 0 else (last, clusters)
     before = labels.copy()
