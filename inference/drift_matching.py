@@ -162,9 +162,9 @@ def displacement_grid(motion, step_um: float) -> np.ndarray:
     return np.round(np.arange(lo, hi + step_um / 2, step_um), 6)
 
 
-#: Displacements whose temporal spectra and buffers a :class:`DriftingWobble` worker keeps (the
-#: ones it used last). A chunk at another displacement recomputes them (drift64: 5 ms; 12 MB of
-#: spectra and an 8 MB buffer per displacement).
+#: Displacements whose buffers (and temporal spectra, when not pinned) a :class:`DriftingWobble`
+#: worker keeps: the ones it used last. A chunk at another displacement remakes them (drift64:
+#: an 8 MB buffer, and 12 MB of spectra in 9 ms).
 KEPT_ENGINES = 3
 #: Memory the temporal spectra of every displacement may take, computed once before the workers
 #: start (:meth:`DriftingWobble.pin_spectra`; drift64's 22 displacements: 270 MB).
@@ -267,10 +267,11 @@ class DriftingWobble(BaseTemplateMatching):
         engines = [e for e in self.engines if e is not None]
         if not engines:
             return 0
-        rank, units, _ = engines[0].template_data.compressed_templates[0].shape
         samples = int(chunk_size) + 2 * self.get_margin()
-        # each [rank, units, n/2 + 1] complex64, with at most as many units as the first has
-        estimate = 8.0 * rank * units * (samples // 2 + 1) * len(engines)
+        # each [rank, units, n/2 + 1] complex64, n the transform length of a chunk
+        channels = self.recording.get_num_channels()
+        estimate = sum(8.0 * np.prod(e.template_data.compressed_templates[0].shape[:2])
+                       * (e._transform(samples, channels)[0] // 2 + 1) for e in engines)
         if estimate > max_bytes:
             return 0
         if n_threads > 1 and len(engines) > 1:

@@ -187,8 +187,8 @@ def interpolated_events(events: dict, channel_index: np.ndarray, windows, correc
     segment_of = events["segment"].astype(np.int64)
     samples = events["sample_index"].astype(np.int64)
     kernel_of = np.zeros(n, dtype=np.int64)
-    dense_kernels = []  # (segment, kernel index) -> dense [channels, channels]
-    offsets = {}
+    dense_kernels = []  # every segment's kernels, dense [channels, output channels], one list
+    offsets = {}  # segment -> the index of its first kernel in that list
     for g in np.unique(segment_of):
         segment = corrected.segments[int(g)]
         at = np.flatnonzero(segment_of == g)
@@ -222,7 +222,8 @@ def interpolated_events(events: dict, channel_index: np.ndarray, windows, correc
         for run in np.split(rows, runs):
             g = int(segment_of[run[0]])
             # [m, PEAK_SHIFT + L + PEAK_SHIFT, C]: the window with room for the peak to move
-            w = windows(g, samples[run], nb_o + PEAK_SHIFT, na_o + PEAK_SHIFT, channels) @ dense_kernels[kernel_of[run[0]]]
+            w = windows(g, samples[run], nb_o + PEAK_SHIFT, na_o + PEAK_SHIFT, channels)
+            w = w @ dense_kernels[kernel_of[run[0]]]
             around = w[:, nb_o: nb_o + 2 * PEAK_SHIFT + 1]  # [m, 2 PEAK_SHIFT + 1, C] around the detected sample
             score = -around if params.peak_sign == "neg" else around if params.peak_sign == "pos" else np.abs(around)
             shifts = samples[run, None] + np.arange(-PEAK_SHIFT, PEAK_SHIFT + 1)  # the candidate peak samples

@@ -123,6 +123,15 @@ def test_drifting_wobble_finds_the_drifting_spikes():
     try:
         spikes = run_node_pipeline(rec, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="test",
                                    squeeze_output=True, names=["spikes"])
+        # every displacement's spectra pinned before the pass (within the bound; none over it):
+        # the same spikes
+        engines = [e for e in node.engines if e is not None]
+        assert node.pin_spectra(int(FS), max_bytes=1.0) == 0 and all(e._pinned is None for e in engines)
+        pinned = node.pin_spectra(int(FS), n_threads=2)
+        assert pinned == sum(e._pinned[1].nbytes for e in engines) > 0
+        again = run_node_pipeline(rec, [node], {"n_jobs": 1, "chunk_duration": "1s"}, job_name="test",
+                                  squeeze_output=True, names=["spikes"])
+        assert np.array_equal(again, spikes)
     finally:
         node.clean()
     for k, train in enumerate(trains):
