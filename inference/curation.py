@@ -587,16 +587,19 @@ def reject_noise(
     return labels, reason
 
 
-def _partition(labels: np.ndarray) -> np.ndarray:
-    """``labels`` renumbered by first appearance (``-1`` kept): equal for two labellings exactly
-    when they group the events alike, whatever the cluster ids."""
-    out = np.full(len(labels), -1, dtype=np.int64)
-    kept = labels >= 0
-    _, first, inverse = np.unique(labels[kept], return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    out[kept] = rank[inverse]
-    return out
+def _end_of_cycle(counts: list[tuple[int, int]], max_rounds: int) -> int:
+    """The round at which :func:`curate`'s loop would stop when its last round's labels are
+    those of two rounds before: each round to come repeats the round two before it (its splits
+    and merges), and the loop stops at a round with neither, at a ping-pong round (no more splits
+    than merges, as many splits as the round before), or at its last round. (A round that
+    changes nothing cannot come: the two labellings of the cycle differ.)"""
+    counts = list(counts)
+    for q in range(len(counts), max_rounds):
+        counts.append(counts[q - 2])
+        splits, merges = counts[q]
+        if (splits == 0 and merges == 0) or (splits <= merges and splits == counts[q - 1][0]):
+            return q
+    return max_rounds - 1
 
 
 def curate(
@@ -654,14 +657,16 @@ def curate(
                 break  # every split merged back: each further round would repeat this one
             if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
                 break  # split/merge ping-pong: stable enough
-            clusters = _partition(labels)
-            if (before_last is not None and np.array_equal(clusters, before_last)
-                    and (p.max_rounds - 1 - r) % 2 == 0):
-                # the clusters of two rounds ago again: the rounds alternate between two states
-                # (a split undone by a merge each other round), and the same tests (memoised)
-                # would repeat them to the last round, which would end on these (the parity)
+            if before_last is not None and np.array_equal(labels, before_last):
+                # the labels of two rounds ago again (a split undone by a merge each other round):
+                # a round is a function of its labels (its tests are seeded by them), so the
+                # rounds to come would repeat the last two; the loop ends on the labels where its
+                # rules would have stopped it
+                stop = _end_of_cycle([(x["splits"], x["merges"]) for x in stats["rounds"]], p.max_rounds)
+                labels = labels if (stop - r) % 2 == 0 else last
+                stats["cycle_from_round"] = r  # rounds r - 1 and r repeat to round `stop`
                 break
-            before_last, last = (None, clusters) if r == 0 else (last, clusters)
+            before_last, last = (None, labels) if r == 0 else (last, labels)
     before = labels.copy()
     labels, reason = reject_noise(events, labels, duration_s, nbefore, p)
     out = np.full(len(labels), -1, dtype=np.int64)

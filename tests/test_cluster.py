@@ -164,17 +164,20 @@ def test_curation_threads_give_the_same_labels_as_one():
         assert one[2]["final_clusters"] == 2
 
 
-def test_partitions_compare_groupings_whatever_the_cluster_ids():
-    """Curation stops when the clusters of two rounds ago come back: the comparison is of how
-    the events are grouped (and which are unassigned), not of the ids."""
-    from inference.curation import _partition
+def test_a_curation_cycle_ends_where_the_rounds_would_have_stopped():
+    """When a round's labels are those of two rounds before, the rounds to come repeat the last
+    two: the loop's end is found from their counts (a ping-pong round, a round with neither, or
+    the last round), and its parity picks which of the two labellings it ends on."""
+    from inference.curation import _end_of_cycle
 
-    a = np.array([5, 5, -1, 2, 9, 2, 5])
-    assert np.array_equal(_partition(a), [0, 0, -1, 1, 2, 1, 0])
-    assert np.array_equal(_partition(np.array([7, 7, -1, 0, 3, 0, 7])), _partition(a))  # renamed
-    assert not np.array_equal(_partition(np.array([7, 7, 0, 0, 3, 0, 7])), _partition(a))  # one more assigned
-    assert not np.array_equal(_partition(np.array([7, 7, -1, 0, 3, 3, 7])), _partition(a))  # regrouped
-    assert np.array_equal(_partition(np.array([-1, -1])), [-1, -1])
+    # drift64's rounds: (1, 39), (4, 4), (3, 2), (1, 2), cycling from the fourth round (index 3)
+    assert _end_of_cycle([(1, 39), (4, 4), (3, 2), (1, 2)], 6) == 5  # no rule fires: the last round
+    assert (5 - 3) % 2 == 0  # which ends on the fourth round's labels
+    assert _end_of_cycle([(1, 39), (4, 4), (3, 2), (1, 2)], 7) == 6
+    # rounds alternating (2, 3), (2, 1) from the third: the repeat of (2, 3) after (2, 1) is a
+    # ping-pong round, and the loop would stop there, on the second round's labels
+    assert _end_of_cycle([(5, 9), (2, 3), (2, 1)], 8) == 3
+    assert _end_of_cycle([(5, 9), (2, 3), (2, 1)], 3) == 2  # no round left: the last one
 
 
 def test_merge_window_passes_over_pairs_whose_cluster_merged_earlier_in_it():
