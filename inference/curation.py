@@ -587,6 +587,14 @@ def reject_noise(
     return labels, reason
 
 
+def _round_stops(counts: list[tuple[int, int]], q: int) -> bool:
+    """Whether :func:`curate`'s loop stops after round ``q`` on the rounds' (splits, merges)
+    alone: a round with neither, or split/merge ping-pong (no more splits than merges, as many
+    splits as the round before: stable enough)."""
+    splits, merges = counts[q]
+    return (splits == 0 and merges == 0) or (q > 0 and splits <= merges and splits == counts[q - 1][0])
+
+
 def _end_of_cycle(counts: list[tuple[int, int]], max_rounds: int) -> int:
     """The round at which :func:`curate`'s loop would stop when its last round's labels are
     those of two rounds before: each round to come repeats the round two before it (its splits
@@ -596,8 +604,7 @@ def _end_of_cycle(counts: list[tuple[int, int]], max_rounds: int) -> int:
     counts = list(counts)
     for q in range(len(counts), max_rounds):
         counts.append(counts[q - 2])
-        splits, merges = counts[q]
-        if (splits == 0 and merges == 0) or (splits <= merges and splits == counts[q - 1][0]):
+        if _round_stops(counts, q):
             return q
     return max_rounds - 1
 
@@ -643,30 +650,28 @@ def curate(
         labels[labels == u] = -1
     split_memo: dict = {}
     merge_memo: dict = {}
-    before_last = None  # the clusters two rounds ago
+    history = [labels]  # the labels before the first round, then after each
     with ThreadPoolExecutor(n_jobs) if n_jobs > 1 else nullcontext() as pool:
         for r in range(p.max_rounds):
-            start = labels
             labels, n_split = split_clusters(events, labels, p, pool, memo=split_memo)
             labels, n_merge = merge_clusters(events, labels, p, pool, memo=merge_memo)
             stats["rounds"].append({"splits": n_split, "merges": n_merge})
+            history.append(labels)
             logger.info("curation round %d: %d splits, %d merges", r + 1, n_split, n_merge)
-            if n_split == 0 and n_merge == 0:
+            counts = [(x["splits"], x["merges"]) for x in stats["rounds"]]
+            if _round_stops(counts, r):
                 break
-            if np.array_equal(labels, start):
+            if np.array_equal(labels, history[-2]):
                 break  # every split merged back: each further round would repeat this one
-            if n_split <= n_merge and r > 0 and n_split == stats["rounds"][-2]["splits"]:
-                break  # split/merge ping-pong: stable enough
-            if before_last is not None and np.array_equal(labels, before_last):
+            if r > 0 and np.array_equal(labels, history[-3]):
                 # the labels of two rounds ago again (a split undone by a merge each other round):
                 # a round is a function of its labels (its tests are seeded by them), so the
                 # rounds to come would repeat the last two; the loop ends on the labels where its
                 # rules would have stopped it
-                stop = _end_of_cycle([(x["splits"], x["merges"]) for x in stats["rounds"]], p.max_rounds)
-                labels = labels if (stop - r) % 2 == 0 else last
+                stop = _end_of_cycle(counts, p.max_rounds)
+                labels = labels if (stop - r) % 2 == 0 else history[-2]
                 stats["cycle_from_round"] = r  # rounds r - 1 and r repeat to round `stop`
                 break
-            before_last, last = (None, labels) if r == 0 else (last, labels)
     before = labels.copy()
     labels, reason = reject_noise(events, labels, duration_s, nbefore, p)
     out = np.full(len(labels), -1, dtype=np.int64)

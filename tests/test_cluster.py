@@ -171,8 +171,8 @@ def test_a_curation_cycle_ends_where_the_rounds_would_have_stopped():
     from inference.curation import _end_of_cycle
 
     # drift64's rounds: (1, 39), (4, 4), (3, 2), (1, 2), cycling from the fourth round (index 3)
-    assert _end_of_cycle([(1, 39), (4, 4), (3, 2), (1, 2)], 6) == 5  # no rule fires: the last round
-    assert (5 - 3) % 2 == 0  # which ends on the fourth round's labels
+    # no rule fires: the last round (index 5), which has the fourth round's labels (5 - 3 is even)
+    assert _end_of_cycle([(1, 39), (4, 4), (3, 2), (1, 2)], 6) == 5
     assert _end_of_cycle([(1, 39), (4, 4), (3, 2), (1, 2)], 7) == 6
     # rounds alternating (2, 3), (2, 1) from the third: the repeat of (2, 3) after (2, 1) is a
     # ping-pong round, and the loop would stop there, on the second round's labels

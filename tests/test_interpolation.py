@@ -124,7 +124,7 @@ def test_motion_correction_written_over_the_cache_equals_the_lazy_correction(n_j
 def test_interpolated_events_are_those_the_corrected_traces_show():
     """The recorded events, interpolated window by window, have the waveforms, peak channels and
     amplitudes that extraction from the lazily corrected traces gives the same spikes (the same
-    kernels; float16 waveforms), in the recorded events' order and times."""
+    kernels; float16 waveforms), in time order, each within PEAK_SHIFT samples of its detection."""
     from inference.interpolation import PEAK_SHIFT, KrigingMotionRecording, interpolated_events
     from inference.sort import _cache, _cache_windows, _channel_index
     from spikevault.extract import ExtractParams, event_noise_levels, extract_events, preprocess
