@@ -296,6 +296,8 @@ def main(argv=None) -> int:
                             args.n_jobs, args.timeout_s)
                 print(f"   {json.dumps(r)}", file=sys.stderr, flush=True)
                 tries.append(r)
+                if "error" in r:
+                    break  # a sorter that failed (or timed out) once is not run again
             results[name].append({**tries[-1], "runs": tries})
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     md = table(results)
