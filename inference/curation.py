@@ -278,10 +278,45 @@ def _aligned(events: EventSet, idx: np.ndarray, channels: np.ndarray, template: 
     return out
 
 
+class _SplitPCA:
+    """The split test's PCA: scikit-learn's ``PCA(k, svd_solver="covariance_eigh")`` in float64,
+    computing only the ``k`` eigenvectors it keeps.
+
+    In float32 the covariance (formed as X'X - n mean mean') carries enough rounding that two
+    eigensolvers gave a cluster of drift64 seed 3001 dip scores of 2.40 and 3.28 on either side
+    of the split threshold, from the same events and the same 2-means partition; in float64
+    every solver gives 2.42 (BENCHMARKS.md, twentieth session). A split decided by float32
+    rounding would also change with the machine's LAPACK. scikit-learn's solver takes every
+    eigenpair (``numpy.linalg.eigh``: 8.6 ms for a test's 336 features in float32); LAPACK's
+    ``syevr`` on the top k alone (``scipy.linalg.eigh`` with ``subset_by_index``) takes 3.6 ms
+    in float64. The rest is scikit-learn's: the components' signs (``svd_flip``), the transform.
+    """
+
+    def __init__(self, n_components: int):
+        self.n_components = int(n_components)
+
+    def fit(self, X: np.ndarray) -> "_SplitPCA":
+        from scipy.linalg import eigh
+        from sklearn.utils.extmath import svd_flip
+
+        X = np.asarray(X, dtype=np.float64)
+        n, f = X.shape
+        self.mean_ = X.mean(axis=0)
+        C = X.T @ X
+        C -= n * self.mean_[:, None] * self.mean_[None, :]
+        C /= n - 1
+        _, vecs = eigh(C, subset_by_index=[f - self.n_components, f - 1], driver="evr")
+        _, self.components_ = svd_flip(None, np.ascontiguousarray(vecs[:, ::-1].T), u_based_decision=False)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        return X @ self.components_.T - self.mean_ @ self.components_.T
+
+
 def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np.ndarray | None:
     """Return a boolean mask over ``idx`` (the two sides) or None when the cluster is unimodal."""
     from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     if len(idx) < 2 * p.min_cluster_size:
@@ -291,7 +326,7 @@ def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np
     channels = _top_channels(tmpl, p.local_channels)
     X = _aligned(events, test, channels, tmpl[:, channels], p.max_shift).reshape(len(test), -1)
     n_comp = min(p.split_pca_components, X.shape[1], len(test) - 1)
-    pca = PCA(n_comp, svd_solver="covariance_eigh", random_state=p.seed).fit(X)
+    pca = _SplitPCA(n_comp).fit(X)
     Z = pca.transform(X)
     km = KMeans(2, n_init=3, random_state=p.seed).fit(Z)
     if np.min(np.bincount(km.labels_, minlength=2)) < p.min_cluster_size // 2:

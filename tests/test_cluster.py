@@ -111,6 +111,23 @@ def _event_set(seed=0, n=400):
     return EventSet(wf, ev_ch, loc, np.full(C, 5.0)), truth
 
 
+def test_split_pca_is_scikit_learns_in_float64():
+    """The split test's PCA (its top components only, in float64) gives scikit-learn's PCA of the
+    same float64 data: the same components, signs included, and the same projections."""
+    from sklearn.decomposition import PCA
+
+    from inference.curation import _SplitPCA
+
+    rng = np.random.default_rng(0)
+    scales = np.linspace(5.0, 0.5, 40)
+    rotation = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    X = (rng.standard_normal((600, 40)) * scales @ rotation + 3.0).astype(np.float32)
+    ours = _SplitPCA(6).fit(X)
+    theirs = PCA(6, svd_solver="covariance_eigh").fit(X.astype(np.float64))
+    np.testing.assert_allclose(ours.components_, theirs.components_, atol=1e-8)
+    np.testing.assert_allclose(ours.transform(X), theirs.transform(X.astype(np.float64)), atol=1e-7)
+
+
 def test_split_separates_two_units_in_one_cluster():
     events, truth = _event_set()
     labels, n_split = split_clusters(events, np.zeros(len(truth), dtype=np.int64), CurationParams())
