@@ -101,6 +101,23 @@ class SortParams:
     location does not keep two neurons apart, and matched spikes of similar templates never
     coincide, so the cross-contamination test does not either: on a 6-unit tetrode the merge
     joined two, then three, distinct neurons at 0.15-0.2 (0.820 -> 0.582 -> 0.360)."""
+    final_merge_drift_splits: bool = True
+    """After the final merge, on a recording whose motion was corrected: merge pairs of units that
+    are one neuron cut in two by the drift. The waveform of a neuron changes a little with its
+    place on the probe, even after the correction; a cluster can split along it, and its parts
+    then fire each at its own displacements, never both at the same one. A pair merges when its
+    templates differ by at most ``final_merge_drift_split_max_template_diff`` and the displacements
+    at its two spike trains barely overlap (``final_merge_drift_split_max_overlap``), with the
+    final merge's other tests (location, spike counts, cross-contamination). See
+    :func:`merge_drift_splits`."""
+    final_merge_drift_split_max_template_diff: float = 0.35
+    """Drift-split merge: largest normalised template difference (L1) of a pair. drift64 with
+    float64 split tests: a neuron's two parts differed by 0.27."""
+    final_merge_drift_split_max_overlap: float = 0.3
+    """Drift-split merge: largest overlap (0..1, the sum of the bin-wise minimum of the two
+    normalised histograms, in ``DRIFT_SPLIT_BIN_UM`` bins) of the displacements at the two units'
+    spikes. Two neurons present together sample the same displacements (about 0.9); drift64's
+    two parts of one neuron: 0.1."""
     final_merge_censor_ms: float = 3.0
     """Final merge: in a merged unit, of two spikes closer than this only the first is kept (the
     same spike found in both parts)."""
@@ -184,7 +201,8 @@ class SortParams:
             problems.append(f"matching_method must be one of {MATCHING_METHODS}, got {self.matching_method!r}")
         for name in ("position_scale_um", "drift_threshold_um", "template_ms_before", "template_ms_after",
                      "template_radius_um", "final_merge_max_distance_um", "final_merge_max_template_diff",
-                     "final_merge_max_template_diff_compact"):
+                     "final_merge_max_template_diff_compact", "final_merge_drift_split_max_template_diff",
+                     "final_merge_drift_split_max_overlap"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("pca_components", "embed_batch_size", "max_spikes_per_template"):
@@ -504,9 +522,12 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
             n_before = len(sorting.unit_ids)
             max_diff = (p.final_merge_max_template_diff_compact if _is_compact(rec, p.final_merge_max_distance_um)
                         else p.final_merge_max_template_diff)
-            sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs, max_template_diff=max_diff)
+            merge_stats: dict = {}
+            sorting, templates = merge_units(rec, sorting, templates, noise, p, job_kwargs, max_template_diff=max_diff,
+                                             motion=applied_motion if p.final_merge_drift_splits else None,
+                                             stats=merge_stats)
             info["final_merge"] = {"units_before": n_before, "units_after": int(len(sorting.unit_ids)),
-                                   "max_template_diff": max_diff}
+                                   "max_template_diff": max_diff, **merge_stats}
             tick("final_merge_s")
     if p.min_unit_spikes > 0 and len(sorting.unit_ids):
         counts = sorting.count_num_spikes_per_unit(outputs="dict")
@@ -1756,7 +1777,7 @@ def reassign_by_amplitude(spikes: np.ndarray, templates: np.ndarray, min_cosine:
 
 
 def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
-                max_template_diff: float | None = None):
+                max_template_diff: float | None = None, motion=None, stats: dict | None = None):
     """Merge units that are one neuron cut in two, with SpikeInterface's ``auto_merge_units``.
 
     The test of a pair (the steps of SpikeInterface's 'x_contaminations' preset, see
@@ -1769,6 +1790,10 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
     merge first. Returns the merged sorting (merged units get new ids) and its templates
     (spike-count weighted averages of the parts' templates, sparse on the union of their
     channels).
+
+    With ``motion`` (the correction applied to the recording), the parts of a neuron cut in two
+    by the drift are merged after that (:func:`merge_drift_splits`); ``stats`` (a dict) receives
+    those merges.
     """
     from spikeinterface.curation.auto_merge import auto_merge_units
     from spikeinterface.sortingcomponents.tools import create_sorting_analyzer_with_existing_templates
@@ -1800,8 +1825,94 @@ def merge_units(rec, sorting, templates, noise, p: SortParams, job_kwargs: dict,
         merged = auto_merge_units(analyzer, presets=None, steps=[list(_MERGE_STEPS)] * len(thresholds),
                                   steps_params=steps_params, recursive=True, censor_ms=p.final_merge_censor_ms,
                                   sparsity_overlap=0.5, **jk)
+        if motion is not None and len(merged.unit_ids) > 1:
+            merged, pairs = merge_drift_splits(merged, motion, p, steps_params[-1], jk)
+            if stats is not None:
+                stats["drift_splits_merged"] = pairs
     logger.info("final merge: %d units -> %d", len(sorting.unit_ids), len(merged.unit_ids))
     return merged.sorting, merged.get_extension("templates").get_templates(outputs="Templates")
+
+
+#: Displacement bins (um) of the drift-split merge's overlap (:func:`merge_drift_splits`).
+DRIFT_SPLIT_BIN_UM = 2.0
+
+
+def merge_drift_splits(analyzer, motion, p: SortParams, steps_params: dict, job_kwargs: dict):
+    """Merge the pairs of units that are one neuron cut in two by the drift.
+
+    After motion correction a neuron's waveform still changes a little with its place on the
+    probe; a cluster can split along that change, each part holding the spikes of a range of
+    displacements. The parts then never fire at the same displacement, where two neurons
+    present together always do. A pair of units is merged when it passes the final merge's tests
+    (SpikeInterface's ``compute_merge_unit_groups`` with the steps of :func:`merge_units`) with a
+    template difference up to ``p.final_merge_drift_split_max_template_diff``, and the
+    displacements at its two spike trains (``motion`` at each spike's time, at the unit's
+    depth) overlap by at most ``p.final_merge_drift_split_max_overlap``. Most similar pairs
+    first, each unit in one merge per round, rounds until none merges.
+
+    Returns (the merged analyzer, each merge: the two unit ids, their template difference and the
+    displacements' overlap).
+    """
+    from spikeinterface.curation.auto_merge import compute_merge_unit_groups
+
+    params = {**steps_params,
+              "template_similarity": {"template_diff_thresh": float(p.final_merge_drift_split_max_template_diff)}}
+    merged_pairs = []
+    while len(analyzer.unit_ids) > 1:
+        pairs, outs = compute_merge_unit_groups(analyzer, preset=None, steps=list(_MERGE_STEPS), steps_params=params,
+                                                resolve_graph=False, extra_outputs=True, force_copy=False,
+                                                **job_kwargs)
+        if not pairs:
+            break
+        index = {u: i for i, u in enumerate(analyzer.unit_ids)}
+        diff = outs["templates_diff"]
+        depths = analyzer.get_extension("unit_locations").get_data()[:, motion.dim]
+        used, groups = set(), []
+        for a, b in sorted(pairs, key=lambda pair: diff[index[pair[0]], index[pair[1]]]):
+            if a in used or b in used:
+                continue
+            overlap = _displacement_overlap(analyzer.recording, analyzer.sorting, (a, b), motion,
+                                            (depths[index[a]], depths[index[b]]))
+            if overlap <= p.final_merge_drift_split_max_overlap:
+                groups.append([a, b])
+                used.update((a, b))
+                merged_pairs.append({"units": [str(a), str(b)],
+                                     "template_diff": round(float(diff[index[a], index[b]]), 3),
+                                     "displacement_overlap": round(overlap, 3)})
+        if not groups:
+            break
+        logger.info("final merge: %d pairs of units cut in two by the drift merged", len(groups))
+        # the merged template is the parts' average on the union of their channels; the parts of a
+        # drifting neuron peak on different contacts (drift64: less than half their channels shared)
+        analyzer = analyzer.merge_units(groups, censor_ms=p.final_merge_censor_ms, merging_mode="soft",
+                                        sparsity_overlap=0.0, **job_kwargs)
+    return analyzer, merged_pairs
+
+
+def _displacement_overlap(recording, sorting, units, motion, depths) -> float:
+    """Overlap (0..1) of the displacements at two units' spikes: the sum of the bin-wise minimum
+    of their normalised histograms in ``DRIFT_SPLIT_BIN_UM`` bins (each unit's displacement at its
+    own depth, over every segment). 1 when a unit has no spike or the drift spans less than two
+    bins (nothing tells the parts of a neuron apart then)."""
+    values = []
+    for unit, depth in zip(units, depths):
+        parts = []
+        for seg in range(sorting.get_num_segments()):
+            frames = sorting.get_unit_spike_train(unit, segment_index=seg)
+            if len(frames):
+                times = recording.sample_index_to_time(frames, segment_index=seg)
+                parts.append(np.ravel(motion.get_displacement_at_time_and_depth(
+                    times, np.full(len(times), float(depth)), segment_index=seg)))
+        values.append(np.concatenate(parts) if parts else np.zeros(0))
+    if min(len(v) for v in values) == 0:
+        return 1.0
+    lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+    edges = np.arange(lo, hi + DRIFT_SPLIT_BIN_UM, DRIFT_SPLIT_BIN_UM)
+    if len(edges) < 3:
+        return 1.0
+    ha = np.histogram(values[0], edges)[0] / len(values[0])
+    hb = np.histogram(values[1], edges)[0] / len(values[1])
+    return float(np.minimum(ha, hb).sum())
 
 
 def _is_compact(rec, radius_um: float) -> bool:

@@ -652,6 +652,70 @@ def test_final_merge_joins_a_split_unit_and_keeps_distinct_units(easy):
 
 
 
+def test_final_merge_joins_the_parts_of_a_neuron_cut_by_the_drift(easy):
+    """Two parts of one neuron whose templates differ more than the final merge allows (0.2) but
+    within the drift-split bound, each firing at its own displacements, are merged when the
+    motion is given; the same two parts firing at the same displacements (alternate spikes),
+    or without the motion, are not."""
+    from spikeinterface.core import NumpySorting, Templates, estimate_templates
+    from spikeinterface.core.motion import Motion
+    from spikeinterface.core.sparsity import ChannelSparsity
+    from spikeinterface.preprocessing import bandpass_filter, common_reference
+
+    from inference.sort import SortParams, _displacement_overlap, _noise_levels, merge_units
+
+    rec, gt = easy
+    prep = common_reference(bandpass_filter(rec, 300, 6000))
+    fs, duration = rec.get_sampling_frequency(), rec.get_total_duration()
+    bins = np.arange(0.0, duration, 0.5) + 0.25
+    depth = float(np.median(rec.get_channel_locations()[:, 1]))
+    motion = Motion([(15.0 * np.sin(2 * np.pi * 3 * bins / duration))[:, None]], [bins], np.array([depth]))
+    spikes = gt.to_spike_vector()
+    big = int(np.argmax(gt.count_num_spikes_per_unit(outputs="array")))
+    of_big = np.flatnonzero(spikes["unit_index"] == big)
+    displacement = np.ravel(motion.get_displacement_at_time_and_depth(spikes["sample_index"][of_big] / fs,
+                                                                      np.full(len(of_big), depth)))
+    split = len(gt.unit_ids)
+    unit_ids = np.arange(split + 1)
+    base = estimate_templates(prep, spikes, np.arange(split), 30, 60, n_jobs=1, progress_bar=False)
+    # the second part's template: the first's at 0.55 of its amplitude (an L1 difference of 0.29)
+    arr = np.concatenate([base, 0.55 * base[big: big + 1]]).astype(np.float32)
+    noise = _noise_levels(prep, JOB)
+    loc = rec.get_channel_locations()
+    peak = loc[np.argmax(np.ptp(arr, axis=1), axis=1)]
+    mask = (np.linalg.norm(peak[:, None] - loc[None], axis=2) <= 100) & (np.ptp(arr, axis=1) >= noise)
+    mask[split] = mask[big]
+    templates = Templates(arr, fs, 30, is_in_uV=True, channel_ids=rec.channel_ids, unit_ids=unit_ids,
+                          probe=rec.get_probe()).to_sparse(ChannelSparsity(mask, unit_ids, rec.channel_ids))
+
+    def cut(parts):
+        cut_spikes = spikes.copy()
+        cut_spikes["unit_index"][of_big[parts]] = split
+        return NumpySorting(cut_spikes, fs, unit_ids)
+
+    by_drift = cut(displacement > 0)
+    units = (big, split)
+    assert _displacement_overlap(prep, by_drift, units, motion, (depth, depth)) < 0.05
+    stats = {}
+    merged, merged_templates = merge_units(prep, by_drift, templates, noise, SortParams(), JOB, motion=motion,
+                                           stats=stats)
+    assert len(merged.unit_ids) == len(gt.unit_ids)
+    assert list(merged_templates.unit_ids) == list(merged.unit_ids)
+    assert [sorted(m["units"]) for m in stats["drift_splits_merged"]] == [sorted([str(big), str(split)])]
+    bound = SortParams().final_merge_drift_split_max_template_diff
+    assert 0.2 < stats["drift_splits_merged"][0]["template_diff"] <= bound
+    assert _accuracy(gt, merged) > 0.95
+    # without the motion the pair stays apart: its templates differ by more than the final merge allows
+    assert len(merge_units(prep, by_drift, templates, noise, SortParams(), JOB)[0].unit_ids) == split + 1
+    # two parts present at every displacement are not parts of a drifting neuron
+    alternate = cut(np.arange(len(of_big)) % 2 == 1)
+    assert _displacement_overlap(prep, alternate, units, motion, (depth, depth)) > 0.7
+    stats = {}
+    assert len(merge_units(prep, alternate, templates, noise, SortParams(), JOB, motion=motion,
+                           stats=stats)[0].unit_ids) == split + 1
+    assert stats["drift_splits_merged"] == []
+
+
 def test_final_merge_is_stricter_on_a_compact_probe(easy, tmp_path):
     """On a tetrode every unit sits at one place: the final merge's threshold is the compact one,
     recorded in params.json; a 32-channel probe keeps the wider one."""
