@@ -32,6 +32,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "amplitude distribution says are noise are removed)")
     parser.add_argument("--no-final-merge", dest="final_merge", action="store_false",
                         help="skip the merge of units split in two after matching (SpikeInterface auto-merge)")
+    parser.add_argument("--no-drift-split-merge", dest="final_merge_drift_splits", action="store_false",
+                        help="on a motion-corrected recording, do not merge the pairs of units that fire each at "
+                             "its own displacements with templates a little less alike (one neuron cut in two "
+                             "by the drift)")
     parser.add_argument("--motion-correction", choices=("auto", "on", "off"), default="auto",
                         help="drift correction: 'auto' when drift is detected (default), 'on' or 'off'")
     parser.add_argument("--interpolate-drift", dest="drifting_templates", action="store_false",
@@ -64,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     sorting = sort(
         args.recording, model=model, out=args.out, clusterer=args.clusterer, features=args.features,
         matching=args.matching, matching_method=args.matching_method, reject_noise_fits=args.reject_noise_fits,
-        final_merge=args.final_merge,
+        final_merge=args.final_merge, final_merge_drift_splits=args.final_merge_drift_splits,
         motion_correction=motion, drifting_templates=args.drifting_templates,
         position_scale_um=args.position_scale_um, detect_threshold=args.detect_threshold,
         max_contamination=args.max_contamination or None, min_unit_spikes=args.min_unit_spikes,

@@ -45,6 +45,7 @@ class SpikeVaultSorter(BaseSorter):
         "matching_method": "wobble",
         "reject_noise_fits": True,
         "final_merge": True,
+        "final_merge_drift_splits": True,
         "motion_correction": "auto",
         "drifting_templates": True,
         "position_scale_um": 12.0,
@@ -66,6 +67,8 @@ class SpikeVaultSorter(BaseSorter):
         "reject_noise_fits": "After wobble or circus-omp, remove the fits of low-amplitude templates that their amplitude "
                              "distribution says are noise",
         "final_merge": "Merge units split in two after matching (SpikeInterface auto_merge_units: similar templates, close, low cross-contamination)",
+        "final_merge_drift_splits": "On a motion-corrected recording, also merge pairs of units that fire each at its "
+                                    "own displacements with templates a little less alike (one neuron cut by the drift)",
         "motion_correction": "'auto' (when drift is detected), True or False",
         "drifting_templates": "With drift correction (rigid motion, wobble): move the templates with the motion over the "
                               "recorded traces; False matches the interpolated traces",

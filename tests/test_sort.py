@@ -551,10 +551,12 @@ def test_noise_fits_of_a_small_neurons_template_are_removed_end_to_end(tmp_path)
     removed = json.loads((tmp_path / "clean" / "params.json").read_text())["matching"]["noise_fits_removed"]
     assert sum(removed.values()) > 50
     argv = ["sort", str(tmp_path / "rec"), "--model", "none", "--features", "pca", "--out", str(tmp_path / "kept"),
-            "--no-report", "--matching-method", "circus-omp", "--keep-noise-fits", "--n-jobs", "2"]
+            "--no-report", "--matching-method", "circus-omp", "--keep-noise-fits", "--no-drift-split-merge",
+            "--n-jobs", "2"]
     assert main(argv) == 0
     info = json.loads((tmp_path / "kept" / "params.json").read_text())
     assert info["params"]["reject_noise_fits"] is False and "noise_fits_removed" not in info["matching"]
+    assert info["params"]["final_merge_drift_splits"] is False
     small = "4"  # the 28 uV neuron
     perf = {name: compare_sorter_to_ground_truth(gt, sorting).get_performance()
             for name, sorting in (("clean", cleaned), ("kept", load(tmp_path / "kept" / "sorting")))}
@@ -595,11 +597,15 @@ def test_drift_is_detected_estimated_and_corrected(tmp_path):
     assert motion["mode"] == "auto" and motion["applied"] and not motion["screened_out"]
     assert 12.0 < motion["max_displacement_um"] < 30.0  # zigzag +-20 um; the estimate is centred
     assert motion["drifting_templates"]  # rigid motion, wobble: the templates follow the motion
+    # the final merge looked for parts of a neuron cut by the drift (each merge listed)
+    final_merge = json.loads((tmp_path / "drift" / "params.json").read_text())["final_merge"]
+    assert isinstance(final_merge["drift_splits_merged"], list)
     assert _accuracy(gt, sorting) > 0.8
     # the interpolated traces (the path of non-rigid motion and the other engines) sort it too
     interpolated = sort(rec, model=None, features="pca", out=tmp_path / "interp", report=False, job_kwargs=JOB,
-                        drifting_templates=False)
-    assert not json.loads((tmp_path / "interp" / "params.json").read_text())["motion"]["drifting_templates"]
+                        drifting_templates=False, final_merge_drift_splits=False)
+    info = json.loads((tmp_path / "interp" / "params.json").read_text())
+    assert not info["motion"]["drifting_templates"] and "drift_splits_merged" not in info["final_merge"]
     assert _accuracy(gt, interpolated) > 0.8
 
     static, _ = generate_recording(**kw)
