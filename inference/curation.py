@@ -451,9 +451,14 @@ def _time_overlap(events: EventSet, ia: np.ndarray, ib: np.ndarray, p: CurationP
     if events.times_s is None or min(len(ia), len(ib)) < 5 * p.merge_time_bins:
         return 1.0
     t = events.times_s
-    edges = np.linspace(t.min(), t.max() + 1e-9, p.merge_time_bins + 1)
-    ha = np.histogram(t[ia], edges)[0] / len(ia)
-    hb = np.histogram(t[ib], edges)[0] / len(ib)
+    return histogram_overlap(t[ia], t[ib], np.linspace(t.min(), t.max() + 1e-9, p.merge_time_bins + 1))
+
+
+def histogram_overlap(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> float:
+    """Overlap (0..1) of two samples' histograms over ``edges``, each normalised by its own size:
+    the sum of the bin-wise minimum (1 for the same distribution, 0 for disjoint ones)."""
+    ha = np.histogram(a, edges)[0] / len(a)
+    hb = np.histogram(b, edges)[0] / len(b)
     return float(np.minimum(ha, hb).sum())
 
 

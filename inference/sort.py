@@ -53,7 +53,7 @@ import numpy as np
 from spikevault.jit import cache_spikeinterface_kernels
 
 from .cluster import ClusterParams, cluster_by_region
-from .curation import REJECT_REASONS, CurationParams, EventSet, curate
+from .curation import REJECT_REASONS, CurationParams, EventSet, curate, histogram_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -1911,9 +1911,7 @@ def _displacement_overlap(recording, sorting, units, motion, depths) -> float:
     edges = np.arange(lo, hi + DRIFT_SPLIT_BIN_UM, DRIFT_SPLIT_BIN_UM)
     if len(edges) < 3:
         return 1.0
-    ha = np.histogram(values[0], edges)[0] / len(values[0])
-    hb = np.histogram(values[1], edges)[0] / len(values[1])
-    return float(np.minimum(ha, hb).sum())
+    return histogram_overlap(values[0], values[1], edges)
 
 
 def _is_compact(rec, radius_um: float) -> bool:
