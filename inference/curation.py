@@ -288,15 +288,15 @@ class _SplitPCA:
     every solver gives 2.42 (BENCHMARKS.md, twentieth session). A split decided by float32
     rounding would also change with the machine's LAPACK. scikit-learn's solver takes every
     eigenpair (``numpy.linalg.eigh``: 8.6 ms for a test's 336 features in float32); LAPACK's
-    ``syevr`` on the top k alone (``scipy.linalg.eigh`` with ``subset_by_index``) takes 3.6 ms
-    in float64. The rest is scikit-learn's: the components' signs (``svd_flip``), the transform.
+    ``syevr`` on the top k alone takes 3.6 ms in float64 (:func:`top_eigenvectors`: SciPy's
+    ``eigh(subset_by_index=...)``, with the threads' interpreter lock released). The rest is
+    scikit-learn's: the components' signs (``svd_flip``), the transform.
     """
 
     def __init__(self, n_components: int):
         self.n_components = int(n_components)
 
     def fit(self, X: np.ndarray) -> "_SplitPCA":
-        from scipy.linalg import eigh
         from sklearn.utils.extmath import svd_flip
 
         X = np.asarray(X, dtype=np.float64)
@@ -305,13 +305,84 @@ class _SplitPCA:
         C = X.T @ X
         C -= n * self.mean_[:, None] * self.mean_[None, :]
         C /= n - 1
-        _, vecs = eigh(C, subset_by_index=[f - self.n_components, f - 1], driver="evr")
+        vecs = top_eigenvectors(C, self.n_components)
         _, self.components_ = svd_flip(None, np.ascontiguousarray(vecs[:, ::-1].T), u_based_decision=False)
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         return X @ self.components_.T - self.mean_ @ self.components_.T
+
+
+def top_eigenvectors(C: np.ndarray, k: int) -> np.ndarray:
+    """The eigenvectors ``[n, k]`` of the ``k`` largest eigenvalues of the symmetric float64 ``C``,
+    in increasing order of eigenvalue: ``scipy.linalg.eigh(C, subset_by_index=[n - k, n - 1],
+    driver="evr")[1]``, the same values bit for bit, computed without the interpreter lock.
+
+    SciPy's LAPACK wrappers keep the lock while LAPACK runs, so curation's threads took turns in
+    their split tests' eigensolver (two threads solving 336 x 336 matrices took as long as one).
+    The same routine (LAPACK's ``dsyevr``, SciPy's build, through its Cython API) is called here
+    through ``ctypes``, which releases the lock, with SciPy's arguments and workspace.
+    """
+    C = np.asarray(C, dtype=np.float64)
+    n = C.shape[0]
+    k = int(k)
+    if not (C.ndim == 2 and C.shape[1] == n and 0 < k <= n):
+        raise ValueError(f"top_eigenvectors needs a square matrix and 0 < k <= n (got {C.shape}, k={k})")
+    syevr = _dsyevr()
+    if syevr is None:  # no Cython LAPACK to call: SciPy's own call
+        from scipy.linalg import eigh
+
+        return eigh(C, subset_by_index=[n - k, n - 1], driver="evr")[1]
+    lwork, liwork = _syevr_workspace(n)
+    a = np.array(C, order="F")  # overwritten, as SciPy's copy is
+    w = np.empty(n)
+    z = np.empty((n, k), order="F")
+    isuppz = np.empty(2 * n, dtype=np.intc)
+    work = np.empty(lwork)
+    iwork = np.empty(liwork, dtype=np.intc)
+    ints = np.array([n, n, n - k + 1, n, 0, n, lwork, liwork, 0], dtype=np.intc)  # n lda il iu m ldz lwork liwork info
+    reals = np.zeros(3)  # vl, vu, abstol (0: LAPACK's default tolerance, as SciPy's)
+
+    def at(array, i=0):
+        return array.ctypes.data + i * array.itemsize
+
+    syevr(b"V", b"I", b"L", at(ints, 0), at(a), at(ints, 1), at(reals, 0), at(reals, 1), at(ints, 2), at(ints, 3),
+          at(reals, 2), at(ints, 4), at(w), at(z), at(ints, 5), at(isuppz), at(work), at(ints, 6), at(iwork),
+          at(ints, 7), at(ints, 8))
+    if ints[8] != 0 or ints[4] != k:
+        raise np.linalg.LinAlgError(f"LAPACK dsyevr failed (info={int(ints[8])}, {int(ints[4])} of {k} eigenvalues)")
+    return z
+
+
+@functools.cache
+def _dsyevr():
+    """LAPACK's ``dsyevr`` from SciPy's Cython LAPACK as a ``ctypes`` function (called without the
+    interpreter lock), or None where that API is not there."""
+    import ctypes
+
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__["dsyevr"]
+    except (ImportError, AttributeError, KeyError):
+        return None
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    address = get_pointer(capsule, get_name(capsule))
+    return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, *[ctypes.c_void_p] * 18)(address)
+
+
+@functools.cache
+def _syevr_workspace(n: int) -> tuple[int, int]:
+    """``dsyevr``'s workspace sizes for order ``n``, as SciPy's ``eigh`` asks LAPACK for them."""
+    from scipy.linalg.lapack import _compute_lwork, get_lapack_funcs
+
+    query = get_lapack_funcs("syevr_lwork", (np.zeros(0),))
+    lwork, liwork = _compute_lwork(query, n=n, lower=True)
+    return int(lwork), int(liwork)
 
 
 def _split_once(events: EventSet, idx: np.ndarray, p: CurationParams, rng) -> np.ndarray | None:

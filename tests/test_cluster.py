@@ -128,6 +128,31 @@ def test_split_pca_is_scikit_learns_in_float64():
     np.testing.assert_allclose(ours.transform(X), theirs.transform(X.astype(np.float64)), atol=1e-7)
 
 
+@pytest.mark.parametrize("n,k", [(336, 6), (40, 6), (12, 12), (1, 1)])
+def test_top_eigenvectors_are_scipys_bit_for_bit_and_threads_run_together(n, k):
+    """The split test's eigensolver (LAPACK's dsyevr through ctypes, without the interpreter lock)
+    gives SciPy's ``eigh(subset_by_index=...)`` exactly, also from threads running at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scipy.linalg import eigh
+
+    from inference.curation import top_eigenvectors
+
+    rng = np.random.default_rng(n)
+    matrices = []
+    for _ in range(6):
+        X = rng.standard_normal((n + 30, n)) * rng.uniform(0.1, 10.0, n)
+        matrices.append(X.T @ X / len(X))
+    expected = [eigh(C, subset_by_index=[n - k, n - 1], driver="evr")[1] for C in matrices]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda C: top_eigenvectors(C, k), matrices))
+    for e, g in zip(expected, got):
+        assert g.shape == (n, k)
+        np.testing.assert_array_equal(g, e)
+    with pytest.raises(ValueError, match="square matrix"):
+        top_eigenvectors(np.zeros((3, 4)), 1)
+
+
 def test_split_separates_two_units_in_one_cluster():
     events, truth = _event_set()
     labels, n_split = split_clusters(events, np.zeros(len(truth), dtype=np.int64), CurationParams())
