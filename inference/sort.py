@@ -420,7 +420,8 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
     tick("detect_extract_s")
     _check_enough_events(events, name, eparams)
     channel_index = _channel_index(events, rec)
-    positions = localize_events(events, rec.get_channel_locations(), channel_index)
+    positions = localize_events(events, rec.get_channel_locations(), channel_index,
+                                n_threads=job_kwargs.get("n_jobs", 1))
     tick("localize_s")
 
     motion_info = {"mode": str(p.motion_correction), "applied": False}
@@ -459,7 +460,8 @@ def _run(recording, model, p: SortParams, out, job_kwargs, timings, recording_id
                 events = extract_events(rec, **extract_kw)
             _check_enough_events(events, name, eparams)
             channel_index = _channel_index(events, rec)
-            positions = localize_events(events, rec.get_channel_locations(), channel_index)
+            positions = localize_events(events, rec.get_channel_locations(), channel_index,
+                                        n_threads=job_kwargs.get("n_jobs", 1))
             motion_info["applied"] = True
             applied_motion = motion
         tick("motion_s")
@@ -719,12 +721,14 @@ LOCALIZE_BLOCK_EVENTS = 4096
 
 
 def localize_events(events: dict, channel_locations: np.ndarray, channel_index: np.ndarray,
-                    radius_um: float = 75.0) -> np.ndarray:
+                    radius_um: float = 75.0, n_threads: int = 1) -> np.ndarray:
     """Centre of mass of each event on the probe, from its own K channels.
 
     The same estimate as SpikeInterface's ``center_of_mass`` peak localisation (peak-to-peak
     amplitudes as weights, channels within ``radius_um`` of the peak channel), computed from the
-    extracted events instead of re-reading the traces.
+    extracted events instead of re-reading the traces. The peak-to-peak amplitudes are taken by
+    blocks of events in ``n_threads`` threads (numpy's reductions release the interpreter lock:
+    0.10 against 0.17 s for 36,000 events in two), the same values.
 
     Returns ``[N, 2]`` x, y in micrometres.
     """
@@ -732,12 +736,23 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
     off = events["channel_offsets_um"].astype(np.float64)
     mask = events["channel_mask"] & (np.linalg.norm(off, axis=2) <= radius_um)
     ptp = np.zeros(mask.shape, dtype=np.float64)
+
     # in blocks whose float32 copy (12 MB on 12 channels) the allocator reuses: a fresh copy of a
     # large block costs the kernel more than the conversion (drift64's first call, in 50,000-event
     # blocks: 0.43 s, 0.26 s of it system time, against 0.17 s)
-    for s in range(0, len(wf), LOCALIZE_BLOCK_EVENTS):
+    def block(s: int) -> None:
         w = wf[s: s + LOCALIZE_BLOCK_EVENTS].astype(np.float32)
         ptp[s: s + LOCALIZE_BLOCK_EVENTS] = w.max(axis=1) - w.min(axis=1)
+
+    starts = range(0, len(wf), LOCALIZE_BLOCK_EVENTS)
+    if n_threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(block, starts))
+    else:
+        for s in starts:
+            block(s)
     ptp *= mask
     com = np.sum(ptp[..., None] * off, axis=1) / np.maximum(ptp.sum(axis=1), 1e-9)[:, None]
     peak_xy = np.asarray(channel_locations, dtype=np.float64)[channel_index, :2]

@@ -892,6 +892,29 @@ def test_templates_keep_the_copy_the_median_reference_spreads_over_a_short_probe
     assert not _template_mask(noisy[None], locations, np.full(64, noise_uv), radius_um=100.0)[0, beyond].any()
 
 
+def test_event_centre_of_mass_is_the_same_in_threads():
+    """localize_events: the centre of mass of each event's peak-to-peak amplitudes on its channels
+    within the radius; by blocks in threads, the same positions as in one."""
+    from inference.sort import LOCALIZE_BLOCK_EVENTS, localize_events
+
+    rng = np.random.default_rng(5)
+    n, k = 2 * LOCALIZE_BLOCK_EVENTS + 123, 6
+    offsets = rng.uniform(-60, 60, size=(n, k, 2)).astype(np.float32)
+    offsets[:, 0] = 0.0  # the peak channel
+    events = {"waveform": (rng.standard_normal((n, 30, k)) * 20).astype(np.float16),
+              "channel_offsets_um": offsets, "channel_mask": rng.random((n, k)) > 0.2}
+    locations = rng.uniform(0, 500, size=(40, 2))
+    channel_index = rng.integers(0, 40, n)
+    one = localize_events(events, locations, channel_index)
+    np.testing.assert_array_equal(localize_events(events, locations, channel_index, n_threads=2), one)
+    # event 0 by hand: peak-to-peak weights on the channels it carries within 75 um
+    w = events["waveform"][0].astype(np.float32)
+    ptp = (w.max(axis=0) - w.min(axis=0)).astype(np.float64)
+    ptp *= events["channel_mask"][0] & (np.linalg.norm(offsets[0].astype(np.float64), axis=1) <= 75.0)
+    expected = locations[channel_index[0]] + (ptp[:, None] * offsets[0]).sum(axis=0) / ptp.sum()
+    np.testing.assert_allclose(one[0], expected, rtol=1e-5)
+
+
 def test_vectorised_grid_localisation_gives_spikeinterfaces_positions():
     """The motion estimate's grid_convolution localisation, its percentile step vectorised and its
     weights computed where nonzero, returns SpikeInterface's positions bit for bit, on a drifting
