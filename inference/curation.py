@@ -371,7 +371,11 @@ def _dsyevr():
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    address = get_pointer(capsule, get_name(capsule))
+    signature = get_name(capsule)
+    # the signature this call is written for: 32-bit C ints (an ILP64 build would differ)
+    if signature is None or signature.count(b"int *") != 11 or signature.count(b"*") != 21:
+        return None
+    address = get_pointer(capsule, signature)
     return ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, *[ctypes.c_void_p] * 18)(address)
 
 
