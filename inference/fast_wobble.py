@@ -49,6 +49,8 @@ batched FFT per template (all its jitters at once); :class:`FftWobbleMatch` has 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from scipy import fft as sfft
 from spikeinterface.sortingcomponents.matching import wobble as _wobble_module
@@ -73,17 +75,11 @@ class FftWobbleMatch(WobbleMatch):
         unit's channels, when each spike's amplitude is to be its template's least-squares
         scaling (:func:`refit_amplitudes`, fitted jointly with the spikes it overlaps) instead of
         wobble's peak voltage."""
-        from spikeinterface.sortingcomponents.matching import wobble
-
-        # wobble's __init__ calls its module's convolve_templates; it is swapped for the batched
-        # one only for the length of this (single-threaded) call
-        original = wobble.convolve_templates
-        wobble.convolve_templates = fft_convolve_templates
-        try:
+        # wobble's __init__ calls its module's convolve_templates: in this thread, for the length
+        # of this call, the batched one (_BatchedConvolutions)
+        with _BatchedConvolutions():
             super().__init__(recording, templates, return_output=return_output, parameters=parameters or {},
                              engine="numpy", shared_memory=shared_memory)
-        finally:
-            wobble.convolve_templates = original
         self._spectra: tuple[tuple, np.ndarray] | None = None
         self._pinned: tuple[tuple, np.ndarray] | None = None
         self._overlap_units: tuple[np.ndarray, np.ndarray] | None = None
@@ -373,6 +369,42 @@ def _subtract_py(starts, jittered, scalings, overlap_units, overlap_counts, pcon
                 objective_normalized[unit, start + t] -= value + value
                 if scale_amplitudes:
                     objective[unit, start + t] -= value * scaling
+
+
+class _BatchedConvolutions:
+    """Within, in this thread only, wobble's module calls :func:`fft_convolve_templates` for its
+    ``convolve_templates``.
+
+    The module function is replaced once, for good, by a dispatcher that calls SpikeInterface's
+    own outside such a block, so other threads and other callers see wobble as it is. (Swapping
+    the module attribute for the duration of each set-up let one thread restore it while another
+    was in its own set-up, when :class:`inference.drift_matching.DriftingWobble` builds its engines
+    in threads; and the last thread to restore could leave the batched one in place for good.)"""
+
+    _state = threading.local()
+    _lock = threading.Lock()
+    _installed = False
+
+    def __enter__(self):
+        self._install()
+        self._state.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self._state.active = False
+
+    @classmethod
+    def _install(cls):
+        with cls._lock:
+            if cls._installed:
+                return
+            state, theirs = cls._state, _wobble_module.convolve_templates
+
+            def convolve_templates(*args, **kwargs):
+                return (fft_convolve_templates if getattr(state, "active", False) else theirs)(*args, **kwargs)
+
+            _wobble_module.convolve_templates = convolve_templates
+            cls._installed = True
 
 
 def fft_convolve_templates(compressed_templates, jitter_factor, approx_rank, jittered_indices, sparsity):

@@ -82,6 +82,34 @@ def test_fft_wobble_finds_the_same_spikes_as_wobble(recording_and_templates, amp
     assert wobble._find_strict_peaks is not find_strict_peaks  # the peak scan's swap ends with each chunk
 
 
+def test_set_ups_in_threads_are_the_same_and_leave_spikeinterface_as_it_was(recording_and_templates):
+    """FftWobbleMatch's set-up (batched convolutions) gives the same engine in concurrent threads as
+    alone, and SpikeInterface's wobble, set up outside it, is its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spikeinterface.sortingcomponents.matching import wobble
+
+    from inference.fast_wobble import FftWobbleMatch
+
+    rec, templates = recording_and_templates
+    params = {"threshold": 25.0, "refractory_period_frames": 10}
+    engines = [FftWobbleMatch(rec, templates, parameters=dict(params))]
+    with ThreadPoolExecutor(2) as pool:
+        engines += list(pool.map(lambda _: FftWobbleMatch(rec, templates, parameters=dict(params)), range(4)))
+    reference = wobble.WobbleMatch(rec, templates, parameters=dict(params), engine="numpy")
+    try:
+        alone = engines[0].template_data.pairwise_convolution[0]
+        for engine in engines[1:]:
+            np.testing.assert_array_equal(engine.template_data.pairwise_convolution[0], alone)
+        # SpikeInterface's np.convolve loop: the same values but for the FFT's rounding
+        theirs = reference.template_data.pairwise_convolution[0]
+        assert not np.array_equal(alone, theirs)
+        np.testing.assert_allclose(alone, theirs, atol=1e-5 * np.abs(theirs).max())
+    finally:
+        for engine in engines + [reference]:
+            engine.clean()
+
+
 @pytest.mark.parametrize("amplitude_variance", [0.0, 1.0])  # 1.0: the sort's (amplitudes scaled)
 def test_subtraction_equals_wobbles_bit_for_bit(recording_and_templates, amplitude_variance):
     """The numba subtraction with one refractory pass leaves the objective wobble's loop leaves."""
