@@ -73,11 +73,12 @@ class _DirectReadSegment(BasePreprocessorSegment):
         self.num_channels = int(num_channels)
         self.file_offset = int(file_offset)
         self.path = str(path)
-        self.fd = None
+        self.fd = None  # None: read through the parent
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-        except OSError:  # the file system does not take O_DIRECT: read through the parent
+        except OSError:  # the file system does not take O_DIRECT
             pass
+        self._opened = self.fd  # closed with the segment (self.fd may give up on it before)
         self._read_ahead = _ReadAhead(self._read, self.get_num_samples())
 
     def get_traces(self, start_frame, end_frame, channel_indices):
@@ -85,17 +86,23 @@ class _DirectReadSegment(BasePreprocessorSegment):
         end_frame = self.get_num_samples() if end_frame is None else int(end_frame)
         traces = None
         if self.fd is not None and end_frame > start_frame:
-            ahead = self._read_ahead.take(start_frame, end_frame)
-            traces = ahead if ahead is not None else self._read(start_frame, end_frame)
+            traces = self._read_ahead.take(start_frame, end_frame)
+            if traces is None:
+                traces = self._read(start_frame, end_frame)
         if traces is None:
             return self.parent_recording_segment.get_traces(start_frame, end_frame, channel_indices)
         return traces if channel_indices is None else traces[:, channel_indices]
 
     def _read(self, start_frame: int, end_frame: int) -> np.ndarray | None:
+        """The traces ``[start_frame, end_frame)``, or None when this file is to be read through the
+        parent (no ``O_DIRECT``, or a read it refused). Called from the read-ahead thread too."""
+        fd = self.fd
+        if fd is None:
+            return None
         frame_bytes = self.num_channels * self.dtype.itemsize
         first = self.file_offset + start_frame * frame_bytes
         last = self.file_offset + end_frame * frame_bytes
-        if _resident_fraction(self.fd, first, last) >= MIN_RESIDENT_FRACTION:
+        if _resident_fraction(fd, first, last) >= MIN_RESIDENT_FRACTION:
             return self.parent_recording_segment.get_traces(start_frame, end_frame, None)
         begin = first - first % ALIGNMENT
         size = -(-(last - begin) // ALIGNMENT) * ALIGNMENT
@@ -105,12 +112,11 @@ class _DirectReadSegment(BasePreprocessorSegment):
         done = 0
         try:
             while done < last - begin:
-                n = os.preadv(self.fd, [buffer[done:]], begin + done)
+                n = os.preadv(fd, [buffer[done:]], begin + done)
                 if n <= 0:
                     break
                 done += n
         except OSError:  # an alignment this file system does not take: read through the parent from now on
-            os.close(self.fd)
             self.fd = None
             return None
         if done < last - begin:
@@ -119,9 +125,9 @@ class _DirectReadSegment(BasePreprocessorSegment):
                           offset=first - begin)
 
     def __del__(self):
-        if getattr(self, "fd", None) is not None:
+        if getattr(self, "_opened", None) is not None:
             try:
-                os.close(self.fd)
+                os.close(self._opened)
             except OSError:
                 pass
 

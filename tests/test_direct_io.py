@@ -153,6 +153,27 @@ def test_a_file_system_without_o_direct_reads_through_the_parent(tmp_path, monke
     np.testing.assert_array_equal(direct.get_traces(start_frame=5, end_frame=905), traces[0][5:905])
 
 
+def test_a_read_o_direct_refuses_falls_back_to_the_parent(tmp_path, monkeypatch):
+    rec, traces = _binary(tmp_path, dtype="float32")
+    direct = _direct_or_skip(rec)
+    monkeypatch.setattr(direct_io, "MIN_RESIDENT_FRACTION", 2.0)
+    real_preadv = os.preadv
+    calls = []
+
+    def refuse(fd, buffers, offset, *args):
+        calls.append(offset)
+        if len(calls) > 3:  # the fourth read on: refused, as a file system with other alignment rules would
+            raise OSError(22, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    for start in range(0, 10_000, 1_000):  # a stride: reads ahead in the thread too
+        np.testing.assert_array_equal(direct.get_traces(start_frame=start, end_frame=start + 500),
+                                      traces[0][start:start + 500])
+    segment = direct.segments[0]
+    assert segment.fd is None and segment._opened is not None  # through the parent; closed with the segment
+
+
 def test_preprocessing_reads_binary_recordings_directly(tmp_path):
     from spikevault.extract import ExtractParams, preprocess
 
