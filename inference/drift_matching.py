@@ -32,6 +32,8 @@ from __future__ import annotations
 import numpy as np
 from spikeinterface.sortingcomponents.matching.base import BaseTemplateMatching
 
+from spikevault.threads import thread_map
+
 
 def moved_templates(dense: np.ndarray, source_locations: np.ndarray, channel_locations: np.ndarray,
                     displacement_um: float, dim: int = 1, sigma_um: float = 20.0, p: int = 2) -> np.ndarray:
@@ -242,13 +244,7 @@ class DriftingWobble(BaseTemplateMatching):
 
         # wobble's precomputations (FFT convolutions, SVDs: numpy and SciPy release the GIL) in
         # n_threads threads: drift64's 22 took 1.6-1.8 s in the main process, 1.0-1.1 s in two
-        if n_threads > 1 and len(sets) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(n_threads) as pool:
-                built = list(pool.map(precompute, sets))
-        else:
-            built = [precompute(white_and_refit) for white_and_refit in sets]
+        built = thread_map(precompute, sets, n_threads)
         self.engines = [None if e is None else built[e] for e in self.engines]
         self._recent: list[int] = []  # engine indices, the last used last
         self.margin = built[0].get_margin() if built else 300  # wobble's own margin
@@ -274,12 +270,7 @@ class DriftingWobble(BaseTemplateMatching):
                        * (e._transform(samples, channels)[0] // 2 + 1) for e in engines)
         if estimate > max_bytes:
             return 0
-        if n_threads > 1 and len(engines) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(n_threads) as pool:
-                return int(sum(pool.map(lambda engine: engine.pin_spectra(samples), engines)))
-        return int(sum(engine.pin_spectra(samples) for engine in engines))
+        return int(sum(thread_map(lambda engine: engine.pin_spectra(samples), engines, n_threads)))
 
     def engine_for(self, start_frame: int, end_frame: int, segment_index: int) -> int:
         """Index of the grid displacement nearest the motion at the chunk's centre."""

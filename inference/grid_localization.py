@@ -32,6 +32,8 @@ from spikeinterface.postprocessing import localization_tools
 from spikeinterface.postprocessing.localization_tools import get_convolution_weights as _their_convolution_weights
 from spikeinterface.sortingcomponents.peak_localization.grid import LocalizeGridConvolution
 
+from spikevault.threads import thread_map
+
 
 def rows_nanpercentile(values: np.ndarray, q: float) -> np.ndarray:
     """``np.nanpercentile(values, q, axis=1)`` of a 2-D array (NaN for a row of NaNs), the same
@@ -287,13 +289,7 @@ def localize_from_windows(recording, peaks: np.ndarray, windows, seed: int | Non
         waveforms = windows(segment, peaks["sample_index"][rows], nbefore, nafter, np.flatnonzero(channel_mask))
         return node.locate_on_channel(channel, waveforms)
 
-    if n_threads > 1 and len(blocks) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_threads) as pool:
-            found = list(pool.map(locate, blocks))
-    else:
-        found = [locate(block) for block in blocks]
+    found = thread_map(locate, blocks, n_threads)
     locations = np.zeros(len(peaks), dtype=node._dtype)
     for (_, rows), xyz in zip(blocks, found):
         locations["x"][rows], locations["y"][rows], locations["z"][rows] = xyz[:, 0], xyz[:, 1], xyz[:, 2]

@@ -25,6 +25,7 @@ from spikeinterface.sortingcomponents.motion.motion_interpolation import (
 )
 
 from spikevault.filters import whitening_blocks
+from spikevault.threads import thread_map
 
 
 #: Kriging weights smaller than this in magnitude are set to zero (see the module's docstring).
@@ -243,14 +244,7 @@ def interpolated_events(events: dict, channel_index: np.ndarray, windows, correc
             peak[run] = best
             moved[run] = samples[run] + shift - PEAK_SHIFT
 
-    if n_threads > 1 and len(starts) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(one, starts))
-    else:
-        for start in starts:
-            one(start)
+    thread_map(one, starts, n_threads)
 
     channel_ids = np.asarray([str(c) for c in corrected.channel_ids])
     out = dict(events)

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from spikevault.jit import cache_spikeinterface_kernels
+from spikevault.threads import thread_map
 
 from .cluster import ClusterParams, cluster_by_region
 from .curation import REJECT_REASONS, CurationParams, EventSet, curate, histogram_overlap
@@ -642,14 +643,7 @@ def embed_events(net, events: dict, batch_size: int = 128, n_threads: int = 1) -
 
     t0 = time.perf_counter()
     with _torch_threads(1):
-        starts = range(0, n, block)
-        if n_threads > 1 and len(starts) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(n_threads) as pool:
-                parts = list(pool.map(embed_block, starts))
-        else:
-            parts = [embed_block(start) for start in starts]
+        parts = thread_map(embed_block, range(0, n, block), n_threads)
     dt = time.perf_counter() - t0
     out = [batch for part in parts for batch in part]
     emb = np.concatenate(out) if out else np.zeros((0, net.config.latent_dim), np.float32)
@@ -744,15 +738,7 @@ def localize_events(events: dict, channel_locations: np.ndarray, channel_index: 
         w = wf[s: s + LOCALIZE_BLOCK_EVENTS].astype(np.float32)
         ptp[s: s + LOCALIZE_BLOCK_EVENTS] = w.max(axis=1) - w.min(axis=1)
 
-    starts = range(0, len(wf), LOCALIZE_BLOCK_EVENTS)
-    if n_threads > 1 and len(starts) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_threads) as pool:
-            list(pool.map(block, starts))
-    else:
-        for s in starts:
-            block(s)
+    thread_map(block, range(0, len(wf), LOCALIZE_BLOCK_EVENTS), n_threads)
     ptp *= mask
     com = np.sum(ptp[..., None] * off, axis=1) / np.maximum(ptp.sum(axis=1), 1e-9)[:, None]
     peak_xy = np.asarray(channel_locations, dtype=np.float64)[channel_index, :2]
@@ -1184,15 +1170,8 @@ def average_spikes(rec, spikes: np.ndarray, num_units: int, nbefore: int, nafter
             out += [(int(u), part.sum(axis=0, dtype=np.int64)) for u, part in zip(units, np.split(got, first[1:]))]
         return out
 
-    starts = range(0, len(order), AVERAGE_BLOCK_SPIKES)
-    n_threads = int(job_kwargs.get("n_jobs", 1))
-    if n_threads > 1 and len(starts) > 1:  # numpy's gathers and sums release the GIL
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_threads) as pool:
-            parts = list(pool.map(block_sums, starts))
-    else:
-        parts = [block_sums(start) for start in starts]
+    # numpy's gathers and sums release the GIL
+    parts = thread_map(block_sums, range(0, len(order), AVERAGE_BLOCK_SPIKES), int(job_kwargs.get("n_jobs", 1)))
     sums = np.zeros((num_units, nbefore + nafter, len(channels)), dtype=np.int64)
     for part in parts:
         for unit, total in part:

@@ -52,6 +52,8 @@ from spikeinterface.preprocessing.common_reference import CommonReferenceRecordi
 from spikeinterface.preprocessing.filter import BandpassFilterRecording, FilterRecordingSegment
 from spikeinterface.preprocessing.normalize_scale import ScaleRecording, ScaleRecordingSegment
 
+from .threads import thread_map
+
 
 class Float32BandpassRecording(BandpassFilterRecording):
     """``BandpassFilterRecording`` whose second-order sections are float32 (float32 output),
@@ -420,13 +422,7 @@ def mad_noise_levels(recording, num_chunks_per_segment: int = 20, chunk_size: in
         med = fast_median(rows, axis=1, keepdims=True)
         return fast_median(np.abs(rows - med), axis=1) / 0.6744897501960817
 
-    if n_threads > 1 and len(slices) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_threads) as pool:
-            per_chunk = list(pool.map(one, slices))
-    else:
-        per_chunk = [one(piece) for piece in slices]
+    per_chunk = thread_map(one, slices, n_threads)
     noise = np.mean(np.stack(per_chunk), axis=0)
     recording.set_property(f"noise_level_mad_{'scaled' if return_in_uV else 'raw'}", noise)
     return noise

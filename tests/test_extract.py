@@ -461,3 +461,20 @@ def test_mad_noise_levels_are_spikeinterfaces_bit_for_bit(dtype):
                 got = mad_noise_levels(rec, chunks, size, seed=0, n_threads=threads)
                 assert got.dtype == want.dtype and np.array_equal(got, want)
         assert np.array_equal(rec.get_property("noise_level_mad_raw"), got)
+
+
+def test_thread_map_gives_the_serial_results_in_order():
+    import threading
+
+    from spikevault.threads import thread_map
+
+    seen = set()
+
+    def square(x):
+        seen.add(threading.get_ident())
+        return x * x
+
+    assert thread_map(square, range(50), 1) == [x * x for x in range(50)]
+    assert seen == {threading.get_ident()}  # one thread: this one
+    assert thread_map(square, iter(range(50)), 3) == [x * x for x in range(50)]
+    assert thread_map(square, [7], 4) == [49] and thread_map(square, [], 4) == []
